@@ -1,0 +1,1 @@
+"""Baselines kvstore is compared against (kept out of the kvstore package)."""

@@ -1,0 +1,191 @@
+"""The eviction-policy protocol, the block info a policy may read, and the policy registry.
+
+A policy tracks the blocks resident in *one* tier and, when asked, names victims. It never
+moves data: the store (or the replay simulator) calls
+
+    on_insert(blocks)   blocks entered the tier
+    on_access(blocks)   blocks were read (a hit), in access order: the last one is the most recent
+    on_remove(blocks)   blocks left the tier (evicted, freed or dropped)
+    victims(n, protected) -> up to n resident blocks to evict, best victim first
+
+``victims`` only *names* blocks; the caller evicts them and then calls ``on_remove``.
+Block ids are non-negative ints; every method takes any 1-D integer sequence (list, tuple,
+numpy array) and ``victims`` returns a 1-D int64 numpy array.
+
+What a policy may know about a block lives in :class:`BlockInfo`, a struct of arrays indexed
+by block id that the owner keeps current and the policy only reads.
+
+Writing a policy is one small class in one file::
+
+    @register_policy("mru")
+    class MRU(EvictionPolicy):
+        ...
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Iterable, TypeVar
+
+import numpy as np
+
+from kvstore.errors import ConfigError
+
+__all__ = [
+    "BlockInfo",
+    "EvictionPolicy",
+    "POLICIES",
+    "register_policy",
+    "make_policy",
+    "as_block_array",
+]
+
+
+def as_block_array(blocks: Iterable[int] | np.ndarray) -> np.ndarray:
+    """``blocks`` as a 1-D int64 numpy array (no copy when it already is one)."""
+    arr = np.asarray(blocks, dtype=np.int64)
+    return arr.reshape(-1)
+
+
+class BlockInfo:
+    """Per-block facts a policy may read: a struct of arrays indexed by block id.
+
+    The store or the simulator owns it, grows it as block ids appear, and keeps it current;
+    policies hold a reference to this object (not to its arrays, which are replaced on
+    growth) and never write to it.
+
+    Arrays (all of length :attr:`capacity`):
+        seq:            owning sequence id (the request / prefix-tree root), -1 if unused
+        position:       first token position of the block within its sequence
+        num_tokens:     tokens the block holds
+        size_bytes:     bytes of the block (all layers, K and V)
+        tier:           where the block is now (see ``TIER_*``; the fastest copy)
+        last_access:    logical time of the last access (the owner's clock)
+        access_count:   accesses since insertion into any tier
+        recompute_cost: FLOPs to recompute the block's KV alone at its position
+        reload_cost:    seconds to copy the block back from the next tier down
+    """
+
+    TIER_DEVICE = 0
+    TIER_HOST = 1
+    TIER_COLD = 2
+    TIER_NONE = 3
+
+    _FIELDS: dict[str, tuple[type, float]] = {
+        "seq": (np.int64, -1),
+        "position": (np.int64, 0),
+        "num_tokens": (np.int32, 0),
+        "size_bytes": (np.int64, 0),
+        "tier": (np.int8, 3),
+        "last_access": (np.int64, 0),
+        "access_count": (np.int64, 0),
+        "recompute_cost": (np.float64, 0.0),
+        "reload_cost": (np.float64, 0.0),
+    }
+
+    seq: np.ndarray
+    position: np.ndarray
+    num_tokens: np.ndarray
+    size_bytes: np.ndarray
+    tier: np.ndarray
+    last_access: np.ndarray
+    access_count: np.ndarray
+    recompute_cost: np.ndarray
+    reload_cost: np.ndarray
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = 0
+        for name, (dtype, fill) in self._FIELDS.items():
+            setattr(self, name, np.full(0, fill, dtype=dtype))
+        self.reserve(capacity)
+
+    def reserve(self, capacity: int) -> None:
+        """Grow every array to at least ``capacity`` entries (amortised doubling)."""
+        if capacity <= self.capacity:
+            return
+        new_cap = max(capacity, 2 * self.capacity, 16)
+        for name, (dtype, fill) in self._FIELDS.items():
+            old = getattr(self, name)
+            new = np.full(new_cap, fill, dtype=dtype)
+            new[: old.shape[0]] = old
+            setattr(self, name, new)
+        self.capacity = new_cap
+
+    def reset(self, blocks: np.ndarray) -> None:
+        """Return ``blocks`` to the unused state."""
+        for name, (_, fill) in self._FIELDS.items():
+            getattr(self, name)[blocks] = fill
+
+
+class EvictionPolicy(ABC):
+    """Tracks the blocks resident in one tier and names victims. See the module docstring.
+
+    Args:
+        info: the block facts this policy may read (recompute cost, position, ...). Policies
+            that need none (LRU, FIFO, ...) accept ``None``.
+    """
+
+    #: registry name, set by :func:`register_policy`
+    name: str = ""
+    #: True for policies that need the future (Belady); the store refuses them
+    offline: bool = False
+
+    def __init__(self, info: BlockInfo | None = None) -> None:
+        self.info = info
+
+    @abstractmethod
+    def on_insert(self, blocks) -> None:
+        """``blocks`` entered this tier (they are not resident before the call)."""
+
+    @abstractmethod
+    def on_access(self, blocks) -> None:
+        """Resident ``blocks`` were accessed, in order (the last is the most recent)."""
+
+    @abstractmethod
+    def on_remove(self, blocks) -> None:
+        """Resident ``blocks`` left this tier."""
+
+    @abstractmethod
+    def victims(self, n: int, protected=None) -> np.ndarray:
+        """Up to ``n`` resident blocks to evict, best victim first, none of them in ``protected``.
+
+        Returns fewer than ``n`` only when fewer unprotected blocks are resident. Does not
+        change the policy's state: the caller calls :meth:`on_remove` for what it evicts.
+        """
+
+    def __len__(self) -> int:
+        """Number of resident blocks tracked."""
+        raise NotImplementedError
+
+
+P = TypeVar("P", bound=type[EvictionPolicy])
+
+#: name -> policy class. Built-ins register themselves on ``import kvstore.evict``.
+POLICIES: dict[str, type[EvictionPolicy]] = {}
+
+
+def register_policy(name: str) -> Callable[[P], P]:
+    """Class decorator: make a policy available by ``name`` to the store, simulator and CLI."""
+
+    def deco(cls: P) -> P:
+        if name in POLICIES and POLICIES[name] is not cls:
+            raise ConfigError(f"eviction policy name {name!r} is already registered to {POLICIES[name].__name__}")
+        cls.name = name
+        POLICIES[name] = cls
+        return cls
+
+    return deco
+
+
+def make_policy(policy: str | EvictionPolicy, info: BlockInfo | None = None, **kwargs) -> EvictionPolicy:
+    """A policy instance from a registered name (constructed with ``info`` and ``kwargs``) or
+    an instance (returned as is, bound to ``info`` if it has none)."""
+    if isinstance(policy, EvictionPolicy):
+        if policy.info is None:
+            policy.info = info
+        return policy
+    try:
+        cls = POLICIES[policy]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown eviction policy {policy!r}; registered: {sorted(POLICIES)}") from None
+    return cls(info, **kwargs)

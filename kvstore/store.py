@@ -1,0 +1,697 @@
+"""KVStore: sequences of paged KV blocks across a device tier and a host tier.
+
+A *block* holds ``spec.block_size`` consecutive tokens of one sequence, all layers, K and V.
+Blocks have global ids; a sequence's block table is the list of its block ids in token
+order. Every live block has one or more copies:
+
+  * a device copy (a slot of the device pool, where attention reads it),
+  * a host copy (a slot of the host pool: pinned CPU memory when CUDA is present),
+  * or none: the block was *dropped* and the caller-supplied ``recompute`` callable restores
+    it (lossless mode; AsymCache recomputes such a block alone at its own position).
+
+A block may be on both tiers at once: a block loaded from the host keeps its (clean) host
+copy, so evicting it again needs no copy. Writing a block invalidates its host copy.
+
+When a tier has too few free slots the store asks that tier's eviction policy for victims
+(kvstore/evict): device victims move to the host tier, host victims are dropped (only when
+``recompute`` is set; otherwise the host tier is full and the store raises CapacityError).
+The decision of *what* to evict is the policy's; the store only moves data.
+
+Every public method validates its input before changing anything, so an error (always a
+:class:`kvstore.errors.KVStoreError`) leaves the store exactly as it was. Bookkeeping is
+numpy arrays indexed by block id: a decode step costs O(1) Python work, never a loop over a
+sequence's blocks.
+
+On CUDA, tier copies run on a dedicated stream; the store makes the current stream wait on
+each copy's event before returning, so later kernels see the data, and returns the
+:class:`~kvstore.transfer.TransferHandle` for callers that want to overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from kvstore.blocks import BlockPool
+from kvstore.errors import (
+    BlockStateError,
+    CapacityError,
+    ConfigError,
+    NonFiniteError,
+    OutOfRangeError,
+    ShapeError,
+    UnknownSequenceError,
+)
+from kvstore.evict import BlockInfo, EvictionPolicy, make_policy
+from kvstore.evict.cost import CostModel
+from kvstore.spec import KVSpec
+from kvstore.transfer import BlockMover, TransferHandle
+
+__all__ = ["KVStore", "TierUsage", "RecomputeFn"]
+
+#: ``recompute(seq_id, start_token, num_tokens) -> kv`` with ``kv: [num_layers, 2, num_tokens, Hkv, D]``
+RecomputeFn = Callable[[int, int, int], torch.Tensor]
+
+DEVICE, HOST, NONE = BlockInfo.TIER_DEVICE, BlockInfo.TIER_HOST, BlockInfo.TIER_NONE
+
+
+class _Blocks(BlockInfo):
+    """BlockInfo plus the store's own per-block state (policies see only the BlockInfo part)."""
+
+    _FIELDS = {
+        **BlockInfo._FIELDS,
+        "dev_slot": (np.int64, -1),  # slot in the device pool, -1 if none
+        "host_slot": (np.int64, -1),  # slot in the host pool, -1 if none (or stale)
+        "refcount": (np.int32, 0),  # sequences whose table holds the block; 0 = id unused
+        "filled": (np.int32, 0),  # tokens written, max over layers (num_tokens is min over layers)
+    }
+    dev_slot: np.ndarray
+    host_slot: np.ndarray
+    refcount: np.ndarray
+    filled: np.ndarray
+
+
+class _Seq:
+    """One sequence: its block ids (``blocks[:num_blocks]``) and tokens written per layer."""
+
+    __slots__ = ("blocks", "num_blocks", "layer_lens")
+
+    def __init__(self, num_layers: int) -> None:
+        self.blocks = np.empty(16, dtype=np.int64)
+        self.num_blocks = 0
+        self.layer_lens = np.zeros(num_layers, dtype=np.int64)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.blocks[: self.num_blocks]
+
+    def push(self, new_ids: np.ndarray) -> None:
+        need = self.num_blocks + new_ids.size
+        if need > self.blocks.size:
+            grown = np.empty(max(need, 2 * self.blocks.size), dtype=np.int64)
+            grown[: self.num_blocks] = self.ids
+            self.blocks = grown
+        self.blocks[self.num_blocks : need] = new_ids
+        self.num_blocks = need
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    """Memory accounting of one tier."""
+
+    name: str
+    blocks_total: int
+    blocks_used: int
+    bytes_total: int
+    bytes_used: int
+
+
+class KVStore:
+    """Paged KV cache of many sequences over a device tier and a host tier.
+
+    Args:
+        spec: model shape and block size.
+        device_blocks: capacity of the device tier in blocks.
+        host_blocks: capacity of the host tier in blocks (0: no host tier).
+        device: where the device tier lives (default: ``cuda`` when available, else ``cpu``).
+        device_policy, host_policy: eviction policy of each tier, a registered name
+            (kvstore.evict.POLICIES) or an instance. Offline policies (Belady) are refused.
+        recompute: restores dropped blocks, see :data:`RecomputeFn`. Without it nothing is
+            ever dropped: a full host tier raises CapacityError instead.
+        cost: block cost model the policies read (default: a ModelCost derived from ``spec``).
+        allow_nonfinite: accept NaN/Inf in appended K/V (rejected by default).
+        pin_host: page-lock the host pool (default: when the device tier is on CUDA).
+    """
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        *,
+        device_blocks: int,
+        host_blocks: int = 0,
+        device: torch.device | str | None = None,
+        device_policy: str | EvictionPolicy = "lru",
+        host_policy: str | EvictionPolicy = "lru",
+        recompute: RecomputeFn | None = None,
+        cost: CostModel | None = None,
+        allow_nonfinite: bool = False,
+        pin_host: bool | None = None,
+    ) -> None:
+        if not isinstance(spec, KVSpec):
+            raise ConfigError(f"KVStore.spec must be a KVSpec, got {type(spec).__name__}")
+        for name, value in (("device_blocks", device_blocks), ("host_blocks", host_blocks)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"KVStore.{name} must be an int >= 0, got {value!r}")
+        if device_blocks == 0:
+            raise ConfigError("KVStore.device_blocks must be >= 1, got 0")
+        if recompute is not None and not callable(recompute):
+            raise ConfigError(f"KVStore.recompute must be callable, got {type(recompute).__name__}")
+        self.spec = spec
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        pin = (self.device.type == "cuda") if pin_host is None else bool(pin_host)
+        self.recompute = recompute
+        self.allow_nonfinite = bool(allow_nonfinite)
+        self.cost = cost if cost is not None else _default_cost(spec)
+
+        self.blocks = _Blocks(capacity=max(16, device_blocks + host_blocks))
+        self.device_pool = BlockPool(spec, device_blocks, device=self.device, name="device")
+        self.host_pool = BlockPool(spec, host_blocks, device="cpu", pin_memory=pin, name="host")
+        self.device_policy = self._policy(device_policy, "device_policy")
+        self.host_policy = self._policy(host_policy, "host_policy")
+        if self.device_policy is self.host_policy:
+            raise ConfigError("KVStore: device_policy and host_policy must be different policy objects")
+        self.mover = BlockMover(self.device)
+
+        self._seqs: dict[int, _Seq] = {}
+        self._next_seq = 0
+        self._free_ids = np.empty(0, dtype=np.int64)  # recycled block ids (stack)
+        self._next_id = 0
+        self._clock = 0
+
+    def _policy(self, policy: str | EvictionPolicy, what: str) -> EvictionPolicy:
+        p = make_policy(policy, self.blocks)
+        if p.offline:
+            raise ConfigError(f"KVStore.{what}={p.name!r} is an offline policy (replay only)")
+        return p
+
+    # ================================================================== sequences
+    def create(self, seq_id: int | None = None) -> int:
+        """Start an empty sequence; returns its id (``seq_id`` if given and unused)."""
+        if seq_id is None:
+            while self._next_seq in self._seqs:
+                self._next_seq += 1
+            seq_id = self._next_seq
+        elif not isinstance(seq_id, int) or isinstance(seq_id, bool) or seq_id < 0:
+            raise ConfigError(f"sequence id must be an int >= 0, got {seq_id!r}")
+        elif seq_id in self._seqs:
+            raise ConfigError(f"sequence {seq_id} already exists")
+        self._seqs[seq_id] = _Seq(self.spec.num_layers)
+        return seq_id
+
+    def fork(self, seq: int) -> int:
+        """A new sequence sharing ``seq``'s full blocks (refcounted); its partial last block is copied."""
+        s = self._seq(seq)
+        if np.any(s.layer_lens != s.layer_lens[0]):
+            raise BlockStateError(f"sequence {seq}: cannot fork mid-step, layers hold {s.layer_lens.tolist()} tokens")
+        n = int(s.layer_lens[0])
+        full = n // self.spec.block_size
+        partial = n % self.spec.block_size
+        if partial:  # the copy needs the source block on the device and one free device slot
+            src = s.ids[full : full + 1]
+            self._ensure_device(src, extra=1, protected=src, allow_recompute=True)
+        child_id = self.create()
+        child = self._seqs[child_id]
+        shared = s.ids[:full]
+        self.blocks.refcount[shared] += 1
+        child.push(shared)
+        if partial:
+            new = self._new_blocks(child_id, full, 1)
+            dst = self.blocks.dev_slot[new]
+            self.device_pool.kv[int(dst[0])].copy_(self.device_pool.kv[int(self.blocks.dev_slot[s.ids[full]])])
+            self._set_filled(new, np.array([partial]), np.array([partial]))
+            child.push(new)
+        child.layer_lens[:] = n
+        return child_id
+
+    def free(self, seq: int) -> None:
+        """Release a sequence; blocks no other sequence holds are freed in every tier."""
+        s = self._seq(seq)
+        ids = s.ids
+        self.blocks.refcount[ids] -= 1
+        self._release_blocks(ids[self.blocks.refcount[ids] == 0])
+        del self._seqs[seq]
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._seqs
+
+    @property
+    def sequences(self) -> list[int]:
+        return list(self._seqs)
+
+    def num_tokens(self, seq: int, layer: int | None = None) -> int:
+        """Tokens of ``seq`` written in every layer (or in ``layer``)."""
+        s = self._seq(seq)
+        if layer is None:
+            return int(s.layer_lens.min())
+        return int(s.layer_lens[self._layer(layer)])
+
+    def block_table(self, seq: int) -> torch.Tensor:
+        """Block ids of ``seq`` in token order: LongTensor ``[num_blocks]`` (CPU, a copy)."""
+        return torch.from_numpy(self._seq(seq).ids.copy())
+
+    def device_block_table(self, seq: int) -> torch.Tensor:
+        """Device-pool slot of each block of ``seq`` (``-1`` where not resident): int32 ``[num_blocks]``
+        on the device, the block table attention kernels read."""
+        slots = self.blocks.dev_slot[self._seq(seq).ids].astype(np.int32)
+        return torch.from_numpy(slots).to(self.device, non_blocking=True)
+
+    # ================================================================== append
+    def append(self, seq: int, k: torch.Tensor, v: torch.Tensor, *, layer: int | None = None) -> None:
+        """Append K/V of new tokens to ``seq``.
+
+        All layers at once: ``k, v: [num_layers, T, Hkv, D]`` (``layer=None``); one layer:
+        ``k, v: [T, Hkv, D]`` with ``layer=l`` (call once per layer; a sequence's length is the
+        minimum over layers). Works for a prefill chunk (T large) and a decode token (T = 1).
+        Allocates device blocks as needed, evicting through the device policy when the tier is full.
+        """
+        s = self._seq(seq)
+        spec = self.spec
+        if layer is None:
+            expect = (spec.num_layers, None, spec.num_kv_heads, spec.head_dim)
+            lens = s.layer_lens
+            if np.any(lens != lens[0]):
+                raise BlockStateError(
+                    f"sequence {seq}: all-layer append while layers hold different token counts {lens.tolist()}"
+                )
+        else:
+            layer = self._layer(layer)
+            expect = (None, spec.num_kv_heads, spec.head_dim)
+            lens = s.layer_lens[layer : layer + 1]
+        self._check_kv(k, "k", expect)
+        self._check_kv(v, "v", expect)
+        if k.shape != v.shape:
+            raise ShapeError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+        t = k.shape[-3]
+        if t == 0:
+            return
+        start = int(lens[0])
+        end = start + t
+        bs = spec.block_size
+        first, last = start // bs, (end - 1) // bs
+        ids = s.ids
+        existing = ids[first : min(last + 1, s.num_blocks)]
+        n_new = last + 1 - max(first, s.num_blocks)
+        # Blocks past the end of the table (a layer running ahead) get allocated now.
+        self._ensure_device(existing, extra=max(n_new, 0), protected=existing, allow_recompute=True)
+        if n_new > 0:
+            s.push(self._new_blocks(seq, s.num_blocks, n_new))
+        targets = s.ids[first : last + 1]
+        pos = torch.arange(start, end)
+        slots = torch.from_numpy(self.blocks.dev_slot[targets])[pos // bs - first].to(self.device)
+        offs = (pos % bs).to(self.device)
+        kv = self.device_pool.kv
+        if layer is None:  # advanced indices around a slice: the indexed view is [T, L, Hkv, D]
+            kv[slots, :, 0, offs] = k.transpose(0, 1)
+            kv[slots, :, 1, offs] = v.transpose(0, 1)
+            s.layer_lens += t
+        else:
+            kv[slots, layer, 0, offs] = k
+            kv[slots, layer, 1, offs] = v
+            s.layer_lens[layer] += t
+        self._invalidate_host(targets)
+        self._update_filled(s, first, targets)
+        self._touch(targets)
+
+    def _check_kv(self, x: torch.Tensor, name: str, expect: tuple) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ShapeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != len(expect) or any(e is not None and e != got for e, got in zip(expect, x.shape)):
+            want = "[" + ", ".join("T" if e is None else str(e) for e in expect) + "]"
+            raise ShapeError(f"{name} has shape {tuple(x.shape)}, expected {want}")
+        if x.dtype != self.spec.dtype:
+            raise ShapeError(f"{name} has dtype {x.dtype}, the store holds {self.spec.dtype} (no silent casts)")
+        if x.device != self.device:
+            raise ShapeError(f"{name} is on {x.device}, the device tier is on {self.device}")
+        if not self.allow_nonfinite and x.numel() and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise NonFiniteError(f"{name} holds {bad} NaN/Inf values (pass allow_nonfinite=True to accept them)")
+
+    def _update_filled(self, s: _Seq, first: int, targets: np.ndarray) -> None:
+        bs = self.spec.block_size
+        starts = (first + np.arange(targets.size)) * bs
+        lo, hi = int(s.layer_lens.min()), int(s.layer_lens.max())
+        self._set_filled(targets, np.clip(lo - starts, 0, bs), np.clip(hi - starts, 0, bs))
+
+    def _set_filled(self, ids: np.ndarray, complete: np.ndarray, filled: np.ndarray) -> None:
+        b = self.blocks
+        b.num_tokens[ids] = complete
+        b.filled[ids] = filled
+        b.recompute_cost[ids] = self.cost.recompute_flops(b.position[ids], filled)
+
+    # ================================================================== reads
+    def read(self, seq: int, positions=None, *, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``seq`` at token ``positions`` (default: all), wherever the blocks live.
+
+        Returns ``k, v: [num_layers, T, Hkv, D]`` (``layer=None``) or ``[T, Hkv, D]``, on the
+        device tier's device. Host blocks are read in place (not loaded); dropped blocks are
+        recomputed (and not kept). Counts as an access for the eviction policies.
+        """
+        s = self._seq(seq)
+        n = int(s.layer_lens.min()) if layer is None else int(s.layer_lens[self._layer(layer)])
+        if positions is None:
+            pos = np.arange(n, dtype=np.int64)
+        else:
+            pos = np.asarray(positions.cpu() if isinstance(positions, torch.Tensor) else positions, dtype=np.int64).reshape(-1)
+            bad = pos[(pos < 0) | (pos >= n)]
+            if bad.size:
+                raise OutOfRangeError(f"sequence {seq}: positions {bad[:8].tolist()} out of range [0, {n})")
+        bs = self.spec.block_size
+        bidx = pos // bs
+        ids = s.ids[bidx]
+        offs = torch.from_numpy(pos % bs)
+        spec = self.spec
+        out = torch.empty((spec.num_layers, 2, pos.size, spec.num_kv_heads, spec.head_dim), dtype=spec.dtype, device=self.device)
+        dev = self.blocks.dev_slot[ids]
+        host = self.blocks.host_slot[ids]
+        on_dev = dev >= 0
+        on_host = ~on_dev & (host >= 0)
+        gone = ~on_dev & ~on_host
+        if on_dev.any():
+            sel = torch.from_numpy(np.flatnonzero(on_dev)).to(self.device)
+            slots = torch.from_numpy(dev[on_dev]).to(self.device)
+            out[:, :, sel] = self.device_pool.kv[slots, :, :, offs[on_dev].to(self.device)].permute(1, 2, 0, 3, 4)
+        if on_host.any():
+            self.mover.synchronize()
+            sel = torch.from_numpy(np.flatnonzero(on_host)).to(self.device)
+            rows = self.host_pool.kv[torch.from_numpy(host[on_host]), :, :, offs[on_host]]
+            out[:, :, sel] = rows.permute(1, 2, 0, 3, 4).to(self.device)
+        if gone.any():
+            for block in np.unique(ids[gone]).tolist():
+                kv = self._recompute_block(block)
+                where = np.flatnonzero(ids == block)
+                out[:, :, torch.from_numpy(where).to(self.device)] = kv[:, :, torch.from_numpy(pos[where] % bs).to(self.device)]
+        self._touch(np.unique(ids))
+        if layer is None:
+            return out[:, 0], out[:, 1]
+        return out[layer, 0], out[layer, 1]
+
+    def residency(self, blocks) -> np.ndarray:
+        """Fastest tier holding each block: int8 ``TIER_DEVICE`` (0), ``TIER_HOST`` (1) or ``TIER_NONE`` (3, dropped)."""
+        ids = self._check_blocks(blocks)
+        return self.blocks.tier[ids].copy()
+
+    def memory(self) -> dict[str, TierUsage]:
+        """Blocks and bytes used per tier."""
+        return {
+            p.name: TierUsage(p.name, p.num_slots, p.num_used, p.bytes_total, p.bytes_used)
+            for p in (self.device_pool, self.host_pool)
+        }
+
+    # ================================================================== tier moves
+    def offload(self, blocks) -> TransferHandle:
+        """Move device blocks to the host tier (freeing their device slots).
+
+        Blocks already holding a clean host copy need no copy. Makes room in the host tier
+        through its policy (dropping host victims only when ``recompute`` is set).
+        """
+        ids = np.unique(self._check_blocks(blocks))
+        off = ids[self.blocks.dev_slot[ids] < 0]
+        if off.size:
+            raise BlockStateError(f"offload: blocks {off[:8].tolist()} are not on the device tier")
+        if self.host_pool.num_slots == 0:
+            raise CapacityError(f"offload: there is no host tier (host_blocks=0) for {ids.size} blocks")
+        need_copy = ids[self.blocks.host_slot[ids] < 0]
+        self._drop_from_host(self._host_room(need_copy.size, protected=ids))
+        handle = self._copy_to_host(need_copy)
+        self._free_device(ids)
+        return handle
+
+    def load(self, blocks) -> TransferHandle:
+        """Bring blocks to the device tier from their host copies (kept: they stay clean).
+
+        Blocks already on the device are left alone. Raises BlockStateError if a block has no
+        device and no host copy (it was dropped: see :meth:`ensure_resident`).
+        """
+        ids = np.unique(self._check_blocks(blocks))
+        b = self.blocks
+        gone = ids[(b.dev_slot[ids] < 0) & (b.host_slot[ids] < 0)]
+        if gone.size:
+            raise BlockStateError(f"load: blocks {gone[:8].tolist()} have no host copy (dropped); use ensure_resident()")
+        return self._ensure_device(ids, protected=ids, allow_recompute=False)
+
+    def ensure_resident(self, blocks) -> TransferHandle:
+        """Make blocks device-resident: load host copies, recompute dropped blocks."""
+        ids = np.unique(self._check_blocks(blocks))
+        return self._ensure_device(ids, protected=ids, allow_recompute=True)
+
+    def drop(self, blocks) -> None:
+        """Discard every copy of the blocks; ``recompute`` restores them on next use (lossless mode)."""
+        ids = np.unique(self._check_blocks(blocks))
+        if self.recompute is None:
+            raise ConfigError("drop: this KVStore has no recompute callable, dropping would lose data")
+        self._free_device(ids[self.blocks.dev_slot[ids] >= 0])
+        self._drop_from_host(ids[self.blocks.host_slot[ids] >= 0])
+
+    # ================================================================== internals: blocks
+    def _seq(self, seq: int) -> _Seq:
+        try:
+            return self._seqs[seq]
+        except (KeyError, TypeError):
+            raise UnknownSequenceError(f"unknown sequence {seq!r} (never created or already freed)") from None
+
+    def _layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.spec.num_layers:
+            raise OutOfRangeError(f"layer {layer!r} out of range [0, {self.spec.num_layers})")
+        return layer
+
+    def _check_blocks(self, blocks) -> np.ndarray:
+        if isinstance(blocks, torch.Tensor):
+            blocks = blocks.cpu().numpy()
+        arr = np.asarray(blocks)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ShapeError(f"block ids must be integers, got dtype {arr.dtype}")
+        ids = arr.astype(np.int64).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= self._next_id)]
+        if bad.size:
+            raise OutOfRangeError(f"block ids {bad[:8].tolist()} out of range [0, {self._next_id})")
+        dead = ids[self.blocks.refcount[ids] <= 0]
+        if dead.size:
+            raise BlockStateError(f"block ids {dead[:8].tolist()} are not live (freed)")
+        return ids
+
+    def _new_blocks(self, seq: int, first_index: int, n: int) -> np.ndarray:
+        """Allocate ``n`` block ids for ``seq`` at block indices ``first_index..`` with device slots
+        (the caller made room) and register them with the device policy."""
+        take = min(n, self._free_ids.size)
+        ids = np.empty(n, dtype=np.int64)
+        if take:
+            ids[:take] = self._free_ids[self._free_ids.size - take :][::-1]
+            self._free_ids = self._free_ids[: self._free_ids.size - take]
+        fresh = n - take
+        if fresh:
+            ids[take:] = np.arange(self._next_id, self._next_id + fresh)
+            self._next_id += fresh
+            self.blocks.reserve(self._next_id)
+        b = self.blocks
+        b.refcount[ids] = 1
+        b.seq[ids] = seq
+        b.position[ids] = (first_index + np.arange(n)) * self.spec.block_size
+        b.size_bytes[ids] = self.spec.bytes_per_block
+        b.reload_cost[ids] = self.cost.reload_seconds(self.spec.bytes_per_block)
+        b.num_tokens[ids] = 0
+        b.filled[ids] = 0
+        b.access_count[ids] = 0
+        b.dev_slot[ids] = self.device_pool.allocate(ids)
+        b.tier[ids] = DEVICE
+        self.device_policy.on_insert(ids)
+        return ids
+
+    def _release_blocks(self, ids: np.ndarray) -> None:
+        """Free blocks no sequence holds any more: every copy, then the id."""
+        if not ids.size:
+            return
+        b = self.blocks
+        self._free_device(ids[b.dev_slot[ids] >= 0])
+        self._drop_from_host(ids[b.host_slot[ids] >= 0])
+        b.reset(ids)
+        self._free_ids = np.concatenate([self._free_ids, ids])
+
+    def _touch(self, ids: np.ndarray) -> None:
+        b = self.blocks
+        self._clock += 1
+        b.last_access[ids] = self._clock
+        b.access_count[ids] += 1
+        on_dev = ids[b.dev_slot[ids] >= 0]
+        if on_dev.size:
+            self.device_policy.on_access(on_dev)
+        on_host = ids[(b.dev_slot[ids] < 0) & (b.host_slot[ids] >= 0)]
+        if on_host.size:
+            self.host_policy.on_access(on_host)
+
+    def _set_tier(self, ids: np.ndarray) -> None:
+        b = self.blocks
+        b.tier[ids] = np.where(b.dev_slot[ids] >= 0, DEVICE, np.where(b.host_slot[ids] >= 0, HOST, NONE))
+
+    # ================================================================== internals: tiers
+    def _policy_victims(self, pool: BlockPool, policy: EvictionPolicy, need: int, protected: np.ndarray) -> np.ndarray:
+        """``need`` victims named by ``policy``; raises CapacityError (nothing changed) if it cannot."""
+        if need <= 0:
+            return np.empty(0, dtype=np.int64)
+        victims = np.asarray(policy.victims(need, protected), dtype=np.int64)[:need]
+        if victims.size < need:
+            raise CapacityError(
+                f"{pool.name} tier full: need {need} more free blocks ({pool.num_free} of {pool.num_slots} free) "
+                f"but only {victims.size} of its resident blocks can be evicted ({np.asarray(protected).size} protected)"
+            )
+        assert not np.isin(victims, protected).any(), f"policy {policy.name!r} named a protected block"
+        return victims
+
+    def _host_room(self, n: int, protected: np.ndarray) -> np.ndarray:
+        """Host blocks to drop so that ``n`` host slots are free.
+
+        Clean duplicates (blocks also on the device) go first: dropping them loses nothing.
+        Then the host policy names victims, whose last copy is dropped: that needs
+        ``recompute``, else CapacityError (nothing changed).
+        """
+        pool = self.host_pool
+        need = n - pool.num_free
+        if need <= 0:
+            return np.empty(0, dtype=np.int64)
+        b = self.blocks
+        held = pool.owner[pool.owner >= 0]
+        dual = held[(b.dev_slot[held] >= 0) & ~np.isin(held, protected)][:need]
+        if dual.size == need:
+            return dual
+        if self.recompute is None:
+            raise CapacityError(
+                f"host tier full: need {n} free blocks, {pool.num_free} of {pool.num_slots} are free, "
+                f"{dual.size} hold clean duplicates, and without a recompute callable nothing else can be dropped"
+            )
+        return np.concatenate([dual, self._policy_victims(pool, self.host_policy, need - dual.size, protected)])
+
+    def _make_device_room(self, n: int, protected: np.ndarray) -> None:
+        """Free ``n`` device slots. Victims without a host copy are copied to the host tier; when
+        there is none (or it is full and cannot drop), they are dropped if ``recompute`` is set."""
+        victims = self._policy_victims(self.device_pool, self.device_policy, n - self.device_pool.num_free, protected)
+        if not victims.size:
+            return
+        need_copy = victims[self.blocks.host_slot[victims] < 0]
+        if need_copy.size:
+            try:
+                if not self.host_pool.num_slots:
+                    raise CapacityError(
+                        f"device tier full ({self.device_pool.num_slots} blocks), there is no host tier, "
+                        f"and without a recompute callable {need_copy.size} evicted blocks would be lost"
+                    )
+                host_drop = self._host_room(need_copy.size, np.union1d(protected, victims))
+            except CapacityError:
+                if self.recompute is None:
+                    raise
+            else:
+                self._drop_from_host(host_drop)
+                self._copy_to_host(need_copy)
+        self._free_device(victims)
+
+    def _ensure_device(self, ids: np.ndarray, *, extra: int = 0, protected: np.ndarray, allow_recompute: bool) -> TransferHandle:
+        """Bring ``ids`` to the device tier and leave ``extra`` further free device slots."""
+        b = self.blocks
+        missing = ids[b.dev_slot[ids] < 0]
+        if allow_recompute:
+            dropped = missing[b.host_slot[missing] < 0]
+            if dropped.size and self.recompute is None:
+                raise BlockStateError(f"blocks {dropped[:8].tolist()} were dropped and there is no recompute callable")
+        self._make_device_room(missing.size + extra, protected)
+        handle = TransferHandle()
+        if not missing.size:
+            return handle
+        from_host = missing[b.host_slot[missing] >= 0]
+        if from_host.size:
+            slots = self.device_pool.allocate(from_host)
+            handle = self.mover.copy(self.host_pool, b.host_slot[from_host], self.device_pool, slots)
+            handle.wait()
+            b.dev_slot[from_host] = slots
+            self.host_policy.on_remove(from_host)  # the host copy stays, but the device copy now serves hits
+            self.device_policy.on_insert(from_host)
+        for block in missing[b.host_slot[missing] < 0].tolist():
+            kv = self._recompute_block(block)
+            slot = self.device_pool.allocate(np.array([block]))
+            b.dev_slot[block] = slot[0]
+            self.device_pool.kv[int(slot[0]), :, :, : kv.shape[2]] = kv
+            self.device_policy.on_insert(np.array([block]))
+        self._set_tier(missing)
+        return handle
+
+    def _recompute_block(self, block: int) -> torch.Tensor:
+        """``[L, 2, filled, Hkv, D]`` from the recompute callable, validated."""
+        b = self.blocks
+        n = int(b.filled[block])
+        seq, start = int(b.seq[block]), int(b.position[block])
+        kv = self.recompute(seq, start, n)
+        spec = self.spec
+        want = (spec.num_layers, 2, n, spec.num_kv_heads, spec.head_dim)
+        if not isinstance(kv, torch.Tensor) or tuple(kv.shape) != want or kv.dtype != spec.dtype:
+            got = (tuple(kv.shape), kv.dtype) if isinstance(kv, torch.Tensor) else type(kv).__name__
+            raise ShapeError(f"recompute({seq}, {start}, {n}) returned {got}, expected shape {want} of {spec.dtype}")
+        return kv.to(self.device)
+
+    def _copy_to_host(self, ids: np.ndarray) -> TransferHandle:
+        """Copy device blocks (no host copy yet, room made by the caller) into new host slots."""
+        if not ids.size:
+            return TransferHandle()
+        b = self.blocks
+        slots = self.host_pool.allocate(ids)
+        handle = self.mover.copy(self.device_pool, b.dev_slot[ids], self.host_pool, slots)
+        handle.wait()
+        b.host_slot[ids] = slots
+        return handle
+
+    def _free_device(self, ids: np.ndarray) -> None:
+        if not ids.size:
+            return
+        b = self.blocks
+        self.device_pool.release(b.dev_slot[ids])
+        b.dev_slot[ids] = -1
+        self.device_policy.on_remove(ids)
+        # Blocks left with only a host copy are now served (and evicted) by the host tier.
+        host_only = ids[b.host_slot[ids] >= 0]
+        if host_only.size:
+            self.host_policy.on_insert(host_only)
+        self._set_tier(ids)
+
+    def _drop_from_host(self, ids: np.ndarray) -> None:
+        if not ids.size:
+            return
+        b = self.blocks
+        tracked = ids[b.dev_slot[ids] < 0]  # the host policy tracks host-only blocks
+        self.host_pool.release(b.host_slot[ids])
+        b.host_slot[ids] = -1
+        if tracked.size:
+            self.host_policy.on_remove(tracked)
+        self._set_tier(ids)
+
+    def _invalidate_host(self, ids: np.ndarray) -> None:
+        stale = ids[self.blocks.host_slot[ids] >= 0]
+        self._drop_from_host(stale)
+
+    # ================================================================== consistency
+    def check(self) -> None:
+        """Assert every invariant between sequences, block metadata, pools and policies."""
+        b = self.blocks
+        refs = np.zeros(self._next_id, dtype=np.int64)
+        for s in self._seqs.values():
+            np.add.at(refs, s.ids, 1)
+            assert s.num_blocks == self.spec.num_blocks(int(s.layer_lens.max())), "table length != tokens"
+        live = np.flatnonzero(refs)
+        assert np.array_equal(refs, b.refcount[: self._next_id]), "refcount != references from sequence tables"
+        for pool, slot_of in ((self.device_pool, b.dev_slot), (self.host_pool, b.host_slot)):
+            pool.check()
+            held = live[slot_of[live] >= 0]
+            assert np.unique(slot_of[held]).size == held.size, f"{pool.name}: two blocks share a slot"
+            assert np.array_equal(pool.owner[slot_of[held]], held), f"{pool.name}: owner map disagrees"
+            assert held.size == pool.num_used, f"{pool.name}: {pool.num_used - held.size} leaked slots"
+        dead = np.setdiff1d(np.arange(self._next_id), live)
+        assert np.all(b.dev_slot[dead] == -1) and np.all(b.host_slot[dead] == -1), "freed block still has a copy"
+        assert np.unique(self._free_ids).size == self._free_ids.size == dead.size, "block-id free list"
+        assert len(self.device_policy) == int((b.dev_slot[live] >= 0).sum()), "device policy tracks other blocks"
+        host_only = live[(b.dev_slot[live] < 0) & (b.host_slot[live] >= 0)]
+        assert len(self.host_policy) == host_only.size, "host policy tracks other blocks"
+        if self.recompute is None:
+            assert np.all((b.dev_slot[live] >= 0) | (b.host_slot[live] >= 0)), "a block lost every copy"
+
+
+def _default_cost(spec: KVSpec) -> CostModel:
+    """Cost model for ``spec``: the matching preset's, else derived from the shape (hidden = Hq * D)."""
+    from kvstore.spec import MODEL_COSTS, PRESETS, ModelCost
+
+    for name, preset in PRESETS.items():
+        if (preset.num_layers, preset.num_kv_heads, preset.num_q_heads, preset.head_dim) == (
+            spec.num_layers, spec.num_kv_heads, spec.num_q_heads, spec.head_dim,
+        ):
+            return CostModel(model=MODEL_COSTS[name])
+    hidden = spec.num_q_heads * spec.head_dim
+    return CostModel(model=ModelCost(num_params=12 * spec.num_layers * hidden * hidden, hidden_size=hidden, num_layers=spec.num_layers))
