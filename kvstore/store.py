@@ -222,9 +222,18 @@ class KVStore:
         """Release a sequence; blocks no other sequence holds are freed in every tier."""
         s = self._seq(seq)
         ids = s.ids
-        self.blocks.refcount[ids] -= 1
-        self._release_blocks(ids[self.blocks.refcount[ids] == 0])
+        b = self.blocks
+        b.refcount[ids] -= 1
+        self._release_blocks(ids[b.refcount[ids] == 0])
         del self._seqs[seq]
+        # Shared blocks this sequence created now belong to a surviving holder (recompute asks it).
+        orphans = ids[(b.refcount[ids] > 0) & (b.seq[ids] == seq)]
+        for other_id, other in self._seqs.items():
+            if not orphans.size:
+                break
+            held = np.isin(orphans, other.ids)
+            b.seq[orphans[held]] = other_id
+            orphans = orphans[~held]
 
     def __contains__(self, seq: int) -> bool:
         return seq in self._seqs
@@ -525,8 +534,9 @@ class KVStore:
         victims = np.asarray(policy.victims(need, protected), dtype=np.int64)[:need]
         if victims.size < need:
             raise CapacityError(
-                f"{pool.name} tier full: need {need} more free blocks ({pool.num_free} of {pool.num_slots} free) "
-                f"but only {victims.size} of its resident blocks can be evicted ({np.asarray(protected).size} protected)"
+                f"{pool.name} tier full: {pool.num_free} of {pool.num_slots} blocks free, {need} more needed, "
+                f"but only {victims.size} of its {pool.num_used} resident blocks can be evicted "
+                f"({np.asarray(protected).size} protected by the operation)"
             )
         assert not np.isin(victims, protected).any(), f"policy {policy.name!r} named a protected block"
         return victims
@@ -663,11 +673,14 @@ class KVStore:
         """Assert every invariant between sequences, block metadata, pools and policies."""
         b = self.blocks
         refs = np.zeros(self._next_id, dtype=np.int64)
-        for s in self._seqs.values():
+        for seq_id, s in self._seqs.items():
             np.add.at(refs, s.ids, 1)
+            owned = s.ids[b.seq[s.ids] == seq_id]
+            assert np.all(b.position[owned] == np.flatnonzero(b.seq[s.ids] == seq_id) * self.spec.block_size)
             assert s.num_blocks == self.spec.num_blocks(int(s.layer_lens.max())), "table length != tokens"
         live = np.flatnonzero(refs)
         assert np.array_equal(refs, b.refcount[: self._next_id]), "refcount != references from sequence tables"
+        assert np.all(np.isin(b.seq[live], list(self._seqs))), "a live block's owner was freed"
         for pool, slot_of in ((self.device_pool, b.dev_slot), (self.host_pool, b.host_slot)):
             pool.check()
             held = live[slot_of[live] >= 0]

@@ -1,0 +1,199 @@
+"""Stateful test: random create/append/offload/load/drop/fork/free sequences against a
+plain-Python model of the store.
+
+After every step: the store's invariants hold (no leaked or doubly owned slot, refcounts equal
+the references from block tables, policies track exactly the resident blocks), tier byte
+counts match the model's count of copies, and every token of every sequence reads back
+bit-exactly, whichever tiers it passed through. Operations the store must refuse (a full
+tier with nothing evictable, a load of a dropped block, ...) raise a KVStoreError and change
+nothing. Each run drives both a store with a recompute callable (lossless mode: blocks get
+dropped) and one without (nothing may ever be lost).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+
+from kvstore.errors import KVStoreError
+from kvstore.spec import KVSpec
+from kvstore.store import KVStore
+
+SPEC = KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=4, head_dim=4, dtype=torch.float32, block_size=4)
+STEPS = {"count": 0}
+
+
+class StoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.truth: dict[int, torch.Tensor] = {}  # seq -> [L, 2, n, Hkv, D], the model
+        self.rng = torch.Generator().manual_seed(0)
+
+    def _recompute(self, seq: int, start: int, n: int) -> torch.Tensor:
+        return self.truth[seq][:, :, start : start + n].clone()
+
+    @initialize(
+        lossless=st.booleans(),
+        device_blocks=st.integers(2, 8),
+        host_blocks=st.integers(0, 8),
+        seed=st.integers(0, 2**16),
+    )
+    def setup(self, lossless: bool, device_blocks: int, host_blocks: int, seed: int) -> None:
+        self.rng.manual_seed(seed)
+        self.store = KVStore(
+            SPEC,
+            device_blocks=device_blocks,
+            host_blocks=host_blocks,
+            recompute=self._recompute if lossless else None,
+        )
+        for _ in range(2):
+            s = self.store.create()
+            self.truth[s] = self._kv(0)
+
+    # ------------------------------------------------------------------ helpers
+    def _kv(self, n: int) -> torch.Tensor:
+        return torch.randn(SPEC.num_layers, 2, n, SPEC.num_kv_heads, SPEC.head_dim, generator=self.rng) + 0.5
+
+    def _attempt(self, fn) -> bool:
+        """Run ``fn``; a KVStoreError must leave the store unchanged. Returns True on success."""
+        before = self._observable()
+        try:
+            fn()
+        except KVStoreError:
+            assert self._observable() == before, "a refused operation changed the store"
+            return False
+        return True
+
+    def _observable(self):
+        st_ = self.store
+        b = st_.blocks
+        tables = {s: st_.block_table(s).tolist() for s in st_.sequences}
+        return (
+            tables,
+            {s: st_.num_tokens(s) for s in st_.sequences},
+            b.dev_slot[: st_._next_id].tolist(),
+            b.host_slot[: st_._next_id].tolist(),
+            st_.memory(),
+        )
+
+    def _all_blocks(self) -> np.ndarray:
+        ids = [self.store.block_table(s).numpy() for s in self.store.sequences]
+        return np.unique(np.concatenate(ids)) if ids else np.empty(0, dtype=np.int64)
+
+    def _pick(self, data, where) -> np.ndarray:
+        ids = self._all_blocks()
+        ids = ids[where(ids)] if ids.size else ids
+        if not ids.size:
+            return ids
+        chosen = data.draw(st.sets(st.integers(0, ids.size - 1), min_size=1, max_size=ids.size))
+        return ids[sorted(chosen)]
+
+    # ------------------------------------------------------------------ rules
+    @rule()
+    def create(self) -> None:
+        if len(self.store.sequences) < 4:
+            s = self.store.create()
+            self.truth[s] = self._kv(0)
+
+    @precondition(lambda self: self.truth)
+    @rule(data=st.data(), n=st.integers(1, 9))
+    def append(self, data, n: int) -> None:
+        s = data.draw(st.sampled_from(sorted(self.truth)))
+        kv = self._kv(n)
+        if self._attempt(lambda: self.store.append(s, kv[:, 0], kv[:, 1])):
+            self.truth[s] = torch.cat([self.truth[s], kv], dim=2)
+
+    @precondition(lambda self: self.truth)
+    @rule(data=st.data())
+    def decode_step_layer_by_layer(self, data) -> None:
+        s = data.draw(st.sampled_from(sorted(self.truth)))
+        kv = self._kv(1)
+        for layer in range(SPEC.num_layers):
+            if not self._attempt(lambda: self.store.append(s, kv[layer, 0], kv[layer, 1], layer=layer)):
+                # A later layer was refused: finish the step with capacity guaranteed by
+                # the block the earlier layers already allocated, or undo nothing (the
+                # earlier layers' writes sit in that block; they must read back too).
+                assert layer == 0, "only the first layer of a step can need a new block"
+                return
+        self.truth[s] = torch.cat([self.truth[s], kv], dim=2)
+
+    @rule(data=st.data())
+    def offload(self, data) -> None:
+        ids = self._pick(data, lambda ids: self.store.blocks.dev_slot[ids] >= 0)
+        if ids.size:
+            self._attempt(lambda: self.store.offload(ids))
+
+    @rule(data=st.data())
+    def load(self, data) -> None:
+        ids = self._pick(data, lambda ids: self.store.blocks.dev_slot[ids] < 0)
+        if ids.size:
+            ok = self._attempt(lambda: self.store.load(ids))
+            if ok:
+                assert np.all(self.store.blocks.dev_slot[ids] >= 0)
+
+    @rule(data=st.data())
+    def drop(self, data) -> None:
+        ids = self._pick(data, lambda ids: ids >= 0)
+        if ids.size:
+            ok = self._attempt(lambda: self.store.drop(ids))
+            assert ok == (self.store.recompute is not None)
+
+    @rule(data=st.data())
+    def ensure_resident(self, data) -> None:
+        ids = self._pick(data, lambda ids: ids >= 0)
+        if ids.size:
+            self._attempt(lambda: self.store.ensure_resident(ids))
+
+    @precondition(lambda self: self.truth)
+    @rule(data=st.data())
+    def fork(self, data) -> None:
+        if len(self.store.sequences) >= 4:
+            return
+        s = data.draw(st.sampled_from(sorted(self.truth)))
+        result = []
+        if self._attempt(lambda: result.append(self.store.fork(s))):
+            self.truth[result[0]] = self.truth[s].clone()
+
+    @precondition(lambda self: self.truth)
+    @rule(data=st.data())
+    def free(self, data) -> None:
+        s = data.draw(st.sampled_from(sorted(self.truth)))
+        self.store.free(s)
+        del self.truth[s]
+
+    # ------------------------------------------------------------------ invariants
+    @invariant()
+    def consistent(self) -> None:
+        if not hasattr(self, "store"):
+            return
+        STEPS["count"] += 1
+        st_ = self.store
+        st_.check()
+        b = st_.blocks
+        live = self._all_blocks()
+        mem = st_.memory()
+        assert mem["device"].bytes_used == int((b.dev_slot[live] >= 0).sum()) * SPEC.bytes_per_block
+        assert mem["host"].bytes_used == int((b.host_slot[live] >= 0).sum()) * SPEC.bytes_per_block
+        for s, kv in self.truth.items():
+            assert st_.num_tokens(s) == kv.shape[2]
+            if kv.shape[2]:
+                k, v = st_.read(s)
+                assert torch.equal(k, kv[:, 0]) and torch.equal(v, kv[:, 1]), f"sequence {s} read back wrong"
+
+
+def test_store_state_machine():
+    STEPS["count"] = 0
+    run_state_machine_as_test(
+        StoreMachine,
+        settings=settings(
+            max_examples=150,
+            stateful_step_count=40,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
+    assert STEPS["count"] >= 2000, f"only {STEPS['count']} steps ran"
