@@ -300,17 +300,10 @@ class KVStore:
         if n_new > 0:
             s.push(self._new_blocks(seq, s.num_blocks, n_new))
         targets = s.ids[first : last + 1]
-        pos = torch.arange(start, end)
-        slots = torch.from_numpy(self.blocks.dev_slot[targets])[pos // bs - first].to(self.device)
-        offs = (pos % bs).to(self.device)
-        kv = self.device_pool.kv
-        if layer is None:  # advanced indices around a slice: the indexed view is [T, L, Hkv, D]
-            kv[slots, :, 0, offs] = k.transpose(0, 1)
-            kv[slots, :, 1, offs] = v.transpose(0, 1)
+        self._write(targets, start - first * bs, k, v, layer)
+        if layer is None:
             s.layer_lens += t
         else:
-            kv[slots, layer, 0, offs] = k
-            kv[slots, layer, 1, offs] = v
             s.layer_lens[layer] += t
         self._invalidate_host(targets)
         self._update_filled(s, first, targets)
@@ -329,6 +322,39 @@ class KVStore:
         if not self.allow_nonfinite and x.numel() and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise NonFiniteError(f"{name} holds {bad} NaN/Inf values (pass allow_nonfinite=True to accept them)")
+
+    def _write(self, targets: np.ndarray, offset: int, k: torch.Tensor, v: torch.Tensor, layer: int | None) -> None:
+        """Write ``T`` tokens into device blocks ``targets``, starting ``offset`` tokens into the first.
+
+        Whole blocks are written as block rows (one ``index_put`` per K and V); the partial
+        blocks at either end token by token.
+        """
+        bs = self.spec.block_size
+        t = k.shape[-3]
+        kv = self.device_pool.kv
+        slots = torch.from_numpy(self.blocks.dev_slot[targets]).to(self.device)
+        head = min(t, (bs - offset) % bs)  # tokens completing a partially filled first block
+        n_full = (t - head) // bs
+        spans = [(0, head), (head + n_full * bs, t)]  # token ranges written token by token
+        if n_full:
+            rows = slots[int(head > 0) : int(head > 0) + n_full]
+            for i, x in enumerate((k, v)):
+                mid = x.narrow(-3, head, n_full * bs)
+                if layer is None:  # [L, n*bs, H, D] -> [n, L, bs, H, D]
+                    kv[rows, :, i] = mid.unflatten(1, (n_full, bs)).transpose(0, 1)
+                else:  # [n*bs, H, D] -> [n, bs, H, D]
+                    kv[rows, layer, i] = mid.unflatten(0, (n_full, bs))
+        for lo, hi in spans:
+            if hi <= lo:
+                continue
+            tok = torch.arange(offset + lo, offset + hi, device=self.device)
+            row, col = slots[tok // bs], tok % bs
+            for i, x in enumerate((k, v)):
+                part = x.narrow(-3, lo, hi - lo)
+                if layer is None:  # advanced indices around a slice: the indexed view is [T, L, Hkv, D]
+                    kv[row, :, i, col] = part.transpose(0, 1)
+                else:
+                    kv[row, layer, i, col] = part
 
     def _update_filled(self, s: _Seq, first: int, targets: np.ndarray) -> None:
         bs = self.spec.block_size

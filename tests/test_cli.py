@@ -1,0 +1,41 @@
+"""The CLI dispatches to bench modules, and the bench package resolves without a top-level `bench`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+from kvstore import cli
+from kvstore._locate import bench_dir, import_bench
+
+
+def test_no_top_level_bench_package_is_importable():
+    assert importlib.util.find_spec("bench") is None or "kvstore" not in str(importlib.util.find_spec("bench").origin)
+    assert import_bench("common").__name__ == "kvstore._bench.common"
+
+
+def test_every_registered_benchmark_module_has_the_cli_contract():
+    for name, module in cli._available().items():
+        mod = import_bench(module)
+        assert callable(mod.add_cli_args) and callable(mod.main), name
+    assert (bench_dir() / "bench_store.py").is_file()
+
+
+def test_bench_store_runs_and_writes_json(tmp_path):
+    out = tmp_path / "store.json"
+    rc = cli.main(["bench", "store", "--preset", "tiny", "--layers", "2", "--contexts", "256,1024", "--chunk", "128",
+                   "--decode-steps", "10", "--repeat", "1", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [r["context"] for r in data["results"]] == [256, 1024]
+    for r in data["results"]:
+        assert r["append_gbps"] > 0 and r["offload_gbps"] > 0 and r["load_gbps"] > 0 and r["step_bookkeeping_us"] > 0
+
+
+def test_help_lists_defaults():
+    proc = subprocess.run([sys.executable, "-m", "kvstore.cli", "bench", "store", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "(default: 8192,32768)" in text and "--decode-steps DECODE_STEPS timed decode steps per context (default: 200)" in text
