@@ -1,0 +1,294 @@
+"""PQIndex: a product-quantized key index, FAISS-like and batched over heads.
+
+Each head's ``head_dim`` channels are cut into ``num_subspaces`` (M) contiguous sub-vectors of
+``dsub = head_dim / M`` channels; each subspace of each head has its own codebook of
+``K = 2**bits`` centroids, trained by batched k-means over all heads x subspaces at once.
+A key is stored as M uint8 codes (one byte per subspace code even when ``bits < 8``), so an
+index over N tokens and H heads holds ``H * N * M`` bytes: 4 bytes per token per head at M=4,
+1/64 of the fp16 key at head_dim 128.
+
+Lifecycle, as in FAISS: ``train(keys)`` learns centroids (and records how well they fit the
+training keys); ``add(keys)`` appends codes (called once at prefill and on every decode
+append); ``search``/``scores`` rank the added tokens by maximum inner product through ADC
+(kvstore.pq.adc); ``reset`` drops the codes but keeps the training. Centroids and codes live
+on the device of the keys passed to ``train``.
+
+Invariants: ``codes[:, :ntotal]`` are valid; ``ntotal <= capacity``; the code buffer grows by
+doubling, so ``add`` is amortised O(tokens added).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvstore.errors import ConfigError, IndexStateError, NonFiniteError, OutOfRangeError, ShapeError
+from kvstore.pq.adc import adc_scores, adc_topk, lookup_tables
+from kvstore.pq.kmeans import KMeansConfig, assign, kmeans
+
+__all__ = ["PQIndex"]
+
+_MIN_CAPACITY = 256
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ConfigError(f"PQIndex: {name} must be an int {bound}, got {value!r}")
+
+
+class PQIndex:
+    """Product-quantized inner-product index over ``H`` heads.
+
+    Args:
+        head_dim: channels per head (D), a multiple of ``num_subspaces``.
+        num_subspaces: M, sub-vectors per key (= code bytes per token per head).
+        bits: 4..8, ``2**bits`` centroids per subspace.
+        kmeans: how centroids are trained.
+    """
+
+    def __init__(self, head_dim: int, num_subspaces: int = 4, bits: int = 8, *, kmeans: KMeansConfig | None = None) -> None:
+        _check_int("head_dim", head_dim, 1)
+        _check_int("num_subspaces", num_subspaces, 1)
+        _check_int("bits", bits, 4, 8)
+        if head_dim % num_subspaces:
+            raise ConfigError(f"PQIndex: head_dim={head_dim} is not a multiple of num_subspaces={num_subspaces}")
+        if kmeans is not None and not isinstance(kmeans, KMeansConfig):
+            raise ConfigError(f"PQIndex: kmeans must be a KMeansConfig, got {type(kmeans).__name__}")
+        self.head_dim = head_dim
+        self.num_subspaces = num_subspaces
+        self.bits = bits
+        self.kmeans_config = kmeans or KMeansConfig()
+        self.centroids: torch.Tensor | None = None  # [H, M, K, dsub] float32
+        self.train_error: torch.Tensor | None = None  # [H] mean relative quantization error of the training keys
+        self._codes: torch.Tensor | None = None  # [H, capacity, M] uint8
+        self.ntotal = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_centroids(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def subspace_dim(self) -> int:
+        return self.head_dim // self.num_subspaces
+
+    @property
+    def is_trained(self) -> bool:
+        return self.centroids is not None
+
+    @property
+    def num_heads(self) -> int | None:
+        """H, fixed by ``train`` (None before)."""
+        return None if self.centroids is None else self.centroids.shape[0]
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self.centroids is None else self.centroids.device
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """``[H, ntotal, M]`` uint8 codes of the added tokens (a view)."""
+        self._require_trained("codes")
+        assert self._codes is not None
+        return self._codes[:, : self.ntotal]
+
+    @property
+    def code_bytes_per_token(self) -> int:
+        """Bytes of codes one token costs per head (= num_subspaces)."""
+        return self.num_subspaces
+
+    def __repr__(self) -> str:
+        return (
+            f"PQIndex(head_dim={self.head_dim}, num_subspaces={self.num_subspaces}, bits={self.bits}, "
+            f"heads={self.num_heads}, ntotal={self.ntotal}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ checks
+    def _require_trained(self, op: str) -> None:
+        if self.centroids is None:
+            raise IndexStateError(f"PQIndex.{op}: the index is not trained; call train(keys) first")
+
+    def _check_keys(self, op: str, keys: torch.Tensor, *, trained: bool = True) -> None:
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 3:
+            shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+            raise ShapeError(f"PQIndex.{op}: expected keys [heads, tokens, head_dim], got {shape}")
+        if not keys.is_floating_point():
+            raise ShapeError(f"PQIndex.{op}: keys must be floating point, got {keys.dtype}")
+        if keys.shape[2] != self.head_dim:
+            raise ShapeError(f"PQIndex.{op}: head_dim {keys.shape[2]} != index head_dim {self.head_dim}")
+        if trained:
+            if keys.shape[0] != self.num_heads:
+                raise ShapeError(f"PQIndex.{op}: {keys.shape[0]} heads != index heads {self.num_heads}")
+            if keys.device != self.device:
+                raise ShapeError(f"PQIndex.{op}: keys on {keys.device}, index on {self.device}")
+        if not bool(torch.isfinite(keys).all()):
+            bad = int((~torch.isfinite(keys)).sum())
+            raise NonFiniteError(f"PQIndex.{op}: keys contain {bad} NaN/Inf values")
+
+    def _check_queries(self, op: str, queries: torch.Tensor) -> None:
+        if not isinstance(queries, torch.Tensor) or queries.dim() != 3:
+            shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+            raise ShapeError(f"PQIndex.{op}: expected queries [heads, queries, head_dim], got {shape}")
+        if queries.shape[0] != self.num_heads or queries.shape[2] != self.head_dim:
+            raise ShapeError(
+                f"PQIndex.{op}: queries {tuple(queries.shape)} do not match index heads={self.num_heads}, "
+                f"head_dim={self.head_dim}"
+            )
+        if queries.device != self.device:
+            raise ShapeError(f"PQIndex.{op}: queries on {queries.device}, index on {self.device}")
+        if not bool(torch.isfinite(queries).all()):
+            raise NonFiniteError(f"PQIndex.{op}: queries contain NaN/Inf values")
+
+    # ------------------------------------------------------------------ subspace layout
+    def _split(self, keys: torch.Tensor) -> torch.Tensor:
+        """``[H, N, D]`` -> ``[H * M, N, dsub]`` float32 (one k-means group per head x subspace)."""
+        H, N, _ = keys.shape
+        M, dsub = self.num_subspaces, self.subspace_dim
+        return keys.float().reshape(H, N, M, dsub).permute(0, 2, 1, 3).reshape(H * M, N, dsub)
+
+    def _encode(self, keys: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[H, N, M]`` uint8 and relative squared error ``[H, N]`` of ``keys`` under ``centroids``."""
+        H, N, _ = keys.shape
+        M, K, dsub = centroids.shape[1:]
+        codes, sq = assign(self._split(keys), centroids.reshape(H * M, K, dsub))  # [H*M, N]
+        err = sq.view(H, M, N).sum(1) / keys.float().square().sum(-1).clamp_min(1e-12)
+        return codes.view(H, M, N).transpose(1, 2).to(torch.uint8), err
+
+    # ------------------------------------------------------------------ FAISS-like API
+    def train(self, keys: torch.Tensor) -> None:
+        """Learn the codebooks of every head and subspace from ``keys: [H, N, D]`` (``N >= 2**bits``).
+
+        Re-training replaces the codebooks and drops the codes (as FAISS, re-``add`` after).
+        Fixes H and the device of the index.
+        """
+        self._check_keys("train", keys, trained=False)
+        if keys.shape[1] < self.num_centroids:
+            raise ShapeError(
+                f"PQIndex.train: {keys.shape[1]} keys cannot train {self.num_centroids} centroids (bits={self.bits})"
+            )
+        H = keys.shape[0]
+        M, K, dsub = self.num_subspaces, self.num_centroids, self.subspace_dim
+        centroids = kmeans(self._split(keys), K, self.kmeans_config).to(keys.device).view(H, M, K, dsub)
+        sample = keys[:, :: max(1, keys.shape[1] // (K * self.kmeans_config.max_points_per_centroid))]
+        _, err = self._encode(sample, centroids)
+        self.centroids = centroids
+        self.train_error = err.mean(1)
+        self._codes = torch.empty((H, _MIN_CAPACITY, M), dtype=torch.uint8, device=keys.device)
+        self.ntotal = 0
+
+    def encode(self, keys: torch.Tensor) -> torch.Tensor:
+        """Codes of ``keys: [H, N, D]`` -> ``[H, N, M]`` uint8 (state unchanged)."""
+        self._require_trained("encode")
+        self._check_keys("encode", keys)
+        assert self.centroids is not None
+        return self._encode(keys, self.centroids)[0]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of ``codes: [H, N, M]`` -> ``[H, N, D]`` float32 (the centroids named)."""
+        self._require_trained("decode")
+        assert self.centroids is not None
+        H, M = self.num_heads, self.num_subspaces
+        if codes.dim() != 3 or codes.shape[0] != H or codes.shape[2] != M:
+            raise ShapeError(f"PQIndex.decode: expected codes [{H}, tokens, {M}], got {tuple(codes.shape)}")
+        N = codes.shape[1]
+        idx = codes.long().permute(0, 2, 1).unsqueeze(-1).expand(H, M, N, self.subspace_dim)
+        return torch.gather(self.centroids, 2, idx).permute(0, 2, 1, 3).reshape(H, N, self.head_dim)
+
+    def add(self, keys: torch.Tensor) -> torch.Tensor:
+        """Encode ``keys: [H, N, D]`` and append their codes (token positions ``ntotal..ntotal+N-1``).
+
+        Returns:
+            ``[H, N]`` relative squared quantization error of the added keys,
+            ``||k - decode(encode(k))||^2 / ||k||^2`` (what the drift monitor tracks).
+        """
+        self._require_trained("add")
+        self._check_keys("add", keys)
+        assert self.centroids is not None and self._codes is not None
+        codes, err = self._encode(keys, self.centroids)
+        self._append_codes(codes)
+        return err
+
+    def _append_codes(self, codes: torch.Tensor) -> None:
+        assert self._codes is not None
+        n = codes.shape[1]
+        end = self.ntotal + n
+        if end > self._codes.shape[1]:
+            grown = torch.empty(
+                (self._codes.shape[0], max(end, 2 * self._codes.shape[1]), self.num_subspaces),
+                dtype=torch.uint8, device=self._codes.device,
+            )
+            grown[:, : self.ntotal] = self._codes[:, : self.ntotal]
+            self._codes = grown
+        self._codes[:, self.ntotal : end] = codes
+        self.ntotal = end
+
+    def lookup_tables(self, queries: torch.Tensor) -> torch.Tensor:
+        """``queries: [H, Q, D]`` -> ADC tables ``[H, Q, M, K]``."""
+        self._require_trained("lookup_tables")
+        self._check_queries("lookup_tables", queries)
+        assert self.centroids is not None
+        return lookup_tables(queries, self.centroids)
+
+    def scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """Approximate inner products of ``queries: [H, Q, D]`` with every added key -> ``[H, Q, ntotal]``."""
+        return adc_scores(self.codes, self.lookup_tables(queries))
+
+    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """Maximum-inner-product search by ADC.
+
+        Args:
+            queries: ``[H, Q, D]``.
+            k: neighbours per query, ``1 <= k <= ntotal``.
+
+        Returns:
+            ``[H, Q, k]`` int64 token positions, by decreasing approximate score.
+        """
+        tables = self.lookup_tables(queries)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.ntotal:
+            raise OutOfRangeError(f"PQIndex.search: k={k!r} must be in [1, ntotal={self.ntotal}]")
+        return adc_topk(self.codes, tables, k)
+
+    def reset(self) -> None:
+        """Drop every added code; keep the codebooks (FAISS semantics)."""
+        self.ntotal = 0
+
+    def quantization_error(self, keys: torch.Tensor) -> torch.Tensor:
+        """Mean relative squared quantization error per head of ``keys: [H, N, D]`` -> ``[H]``."""
+        self._require_trained("quantization_error")
+        self._check_keys("quantization_error", keys)
+        assert self.centroids is not None
+        return self._encode(keys, self.centroids)[1].mean(1)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """Config, codebooks and codes (tensors, no copies of unused capacity)."""
+        return {
+            "head_dim": self.head_dim,
+            "num_subspaces": self.num_subspaces,
+            "bits": self.bits,
+            "centroids": self.centroids,
+            "train_error": self.train_error,
+            "codes": None if self.centroids is None else self.codes.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` output; the config must match this index's."""
+        for name in ("head_dim", "num_subspaces", "bits"):
+            if state.get(name) != getattr(self, name):
+                raise ConfigError(f"PQIndex.load_state_dict: {name}={state.get(name)!r} != index {name}={getattr(self, name)}")
+        centroids, codes = state.get("centroids"), state.get("codes")
+        if centroids is None:
+            self.centroids = self.train_error = self._codes = None
+            self.ntotal = 0
+            return
+        M, K, dsub = self.num_subspaces, self.num_centroids, self.subspace_dim
+        if centroids.dim() != 4 or tuple(centroids.shape[1:]) != (M, K, dsub):
+            raise ShapeError(f"PQIndex.load_state_dict: centroids {tuple(centroids.shape)} != [H, {M}, {K}, {dsub}]")
+        H = centroids.shape[0]
+        if codes is None or codes.dtype != torch.uint8 or codes.dim() != 3 or codes.shape[0] != H or codes.shape[2] != M:
+            raise ShapeError(f"PQIndex.load_state_dict: codes must be uint8 [{H}, tokens, {M}]")
+        self.centroids = centroids.float().clone()
+        self.train_error = state["train_error"].clone()
+        self._codes = torch.empty((H, max(_MIN_CAPACITY, codes.shape[1]), M), dtype=torch.uint8, device=centroids.device)
+        self.ntotal = 0
+        self._append_codes(codes.to(centroids.device))

@@ -1,0 +1,204 @@
+"""Decode-time token selection: sinks + recent window + top-k by PQ score over the rest.
+
+For one sequence of ``n`` tokens and a budget of ``b`` tokens (``b < n``; otherwise every
+token is selected) the selection of each KV head is
+
+* the first ``min(num_sinks, b)`` tokens (attention sinks),
+* the last ``min(recent_window, b - sinks)`` tokens (locality),
+* the ``b - sinks - window`` tokens of highest PQ score among the rest,
+
+so every head selects exactly ``b`` tokens. The ``G`` query heads sharing a KV head agree on
+one set: each query's scores over the candidates are turned into probabilities
+(``softmax(scale * score)``) and summed over the group (``aggregate="sum"``, as PQCache does)
+or maxed (``"max"``). A batch of sequences of different lengths is scored in one call: codes
+are padded to the longest sequence and tokens outside each sequence's candidate range are
+masked (kvstore.pq.adc.adc_topk).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+from kvstore.errors import ConfigError, IndexStateError, NonFiniteError, ShapeError
+from kvstore.pq.adc import AGGREGATES, adc_topk, lookup_tables
+from kvstore.pq.index import PQIndex
+
+__all__ = ["Budget", "SelectionConfig", "Selection", "resolve_budget", "select_tokens", "window_selection"]
+
+#: A token budget: an int number of tokens (>= 1) or a float fraction of the sequence in (0, 1].
+Budget = Union[int, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectionConfig:
+    """How a budget is spent.
+
+    Attributes:
+        num_sinks: leading tokens always kept.
+        recent_window: trailing tokens always kept.
+        aggregate: ``"sum"`` or ``"max"`` of the softmax-normalised scores of a GQA group.
+    """
+
+    num_sinks: int = 32
+    recent_window: int = 128
+    aggregate: str = "sum"
+
+    def __post_init__(self) -> None:
+        for name in ("num_sinks", "recent_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"SelectionConfig.{name} must be an int >= 0, got {value!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ConfigError(f"SelectionConfig.aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The tokens one decode step reads for one sequence and layer.
+
+    Attributes:
+        positions: ``[Hkv, S]`` int64, each row sorted ascending, no duplicates; every head
+            selects the same number ``S`` of tokens.
+        blocks: ``[nb]`` int64 sorted distinct blocks (``position // block_size``) holding any
+            selected token of any head: what must be resident to attend.
+        num_tokens: tokens of the sequence when selected.
+    """
+
+    positions: torch.Tensor
+    blocks: torch.Tensor
+    num_tokens: int
+
+
+def resolve_budget(budget: Budget, num_tokens: int) -> int:
+    """Tokens a budget buys in a sequence of ``num_tokens``: an int as is, a fraction
+    ``f`` as ``ceil(f * num_tokens)``; never more than ``num_tokens``."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ConfigError(f"budget must be an int >= 1 or a float in (0, 1], got {budget!r}")
+    if isinstance(budget, int):
+        if budget < 1:
+            raise ConfigError(f"budget must be an int >= 1 or a float in (0, 1], got {budget}")
+        return min(budget, num_tokens)
+    if not 0.0 < budget <= 1.0:
+        raise ConfigError(f"budget must be an int >= 1 or a float in (0, 1], got {budget}")
+    return min(num_tokens, max(1, math.ceil(budget * num_tokens)))
+
+
+def _split(budget: int, num_tokens: int, config: SelectionConfig) -> tuple[int, int, int]:
+    """``(sinks, window, topk)`` for a budget smaller than the sequence."""
+    sinks = min(config.num_sinks, budget)
+    window = min(config.recent_window, budget - sinks)
+    return sinks, window, budget - sinks - window
+
+
+def _assemble(heads: int, num_tokens: int, sinks: int, window: int, top: torch.Tensor | None, device, block_size: int) -> Selection:
+    """Sinks + window (+ ``top: [heads, k]``) -> sorted per-head positions and their blocks."""
+    fixed = torch.cat(
+        [torch.arange(sinks, device=device), torch.arange(num_tokens - window, num_tokens, device=device)]
+    ).expand(heads, -1)
+    positions = fixed if top is None else torch.cat([fixed, top], 1)
+    positions = positions.sort(dim=1).values
+    return Selection(positions=positions, blocks=torch.unique(positions // block_size), num_tokens=num_tokens)
+
+
+def window_selection(heads: int, num_tokens: int, budget: Budget, *, config: SelectionConfig, block_size: int, device=None) -> Selection:
+    """The selection without an index (too few tokens to train one yet): sinks + the most recent tokens."""
+    b = resolve_budget(budget, num_tokens)
+    sinks = min(config.num_sinks, b)
+    return _assemble(heads, num_tokens, sinks, b - sinks, None, device, block_size)
+
+
+def _check_queries(index: PQIndex, queries: torch.Tensor, i: int) -> None:
+    H, D = index.num_heads, index.head_dim
+    assert H is not None
+    if queries.dim() != 2 or queries.shape[1] != D or queries.shape[0] % H:
+        raise ShapeError(f"select_tokens: queries[{i}] must be [Hq, {D}] with Hq a multiple of {H} KV heads, got {tuple(queries.shape)}")
+    if queries.device != index.device:
+        raise ShapeError(f"select_tokens: queries[{i}] on {queries.device}, index on {index.device}")
+    if not bool(torch.isfinite(queries).all()):
+        raise NonFiniteError(f"select_tokens: queries[{i}] contain NaN/Inf values")
+
+
+def select_tokens(
+    indices: Sequence[PQIndex],
+    queries: Sequence[torch.Tensor] | torch.Tensor,
+    budgets: Budget | Sequence[Budget],
+    *,
+    config: SelectionConfig | None = None,
+    block_size: int = 16,
+    scale: float | None = None,
+) -> list[Selection]:
+    """Select the tokens of one layer for a batch of sequences.
+
+    Args:
+        indices: one trained PQIndex per sequence (this layer's), all with the same heads,
+            head_dim, subspaces, bits and device; sequence ``i`` has ``indices[i].ntotal`` tokens.
+        queries: ``[B, Hq, D]`` (or B tensors ``[Hq, D]``), ``Hq = G * Hkv``.
+        budgets: one budget for all sequences or one per sequence (see ``resolve_budget``).
+        config: sinks, window and GQA aggregation.
+        block_size: tokens per block, to report the blocks.
+        scale: softmax scale of the aggregation, default ``1/sqrt(D)``.
+
+    Returns:
+        One Selection per sequence.
+    """
+    config = config or SelectionConfig()
+    B = len(indices)
+    if len(queries) != B:
+        raise ShapeError(f"select_tokens: {len(queries)} query tensors for {B} sequences")
+    budgets = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets] * B
+    if len(budgets) != B:
+        raise ShapeError(f"select_tokens: {len(budgets)} budgets for {B} sequences")
+    if B == 0:
+        return []
+    first = indices[0]
+    for i, index in enumerate(indices):
+        if not index.is_trained:
+            raise IndexStateError(f"select_tokens: the index of sequence {i} is not trained")
+        same = (index.num_heads, index.head_dim, index.num_subspaces, index.bits, index.device)
+        if same != (first.num_heads, first.head_dim, first.num_subspaces, first.bits, first.device):
+            raise ShapeError(f"select_tokens: index {i} {index!r} differs from index 0 {first!r}")
+        _check_queries(index, queries[i], i)
+    sizes = [resolve_budget(b, index.ntotal) for b, index in zip(budgets, indices)]
+    H, device = first.num_heads, first.device
+    assert H is not None
+
+    results: list[Selection | None] = [None] * B
+    ranked = []  # sequences that need top-k: (i, sinks, window, topk)
+    for i, (index, b) in enumerate(zip(indices, sizes)):
+        n = index.ntotal
+        if b >= n:
+            results[i] = _assemble(H, n, n, 0, None, device, block_size)
+            continue
+        sinks, window, top = _split(b, n, config)
+        if top == 0:
+            results[i] = _assemble(H, n, sinks, window, None, device, block_size)
+        else:
+            ranked.append((i, sinks, window, top))
+
+    if ranked:
+        rows = [indices[i] for i, *_ in ranked]
+        n_max = max(index.ntotal for index in rows)
+        if len(rows) == 1:
+            codes = rows[0].codes
+        else:  # pad to the longest sequence; the padding is masked by hi
+            codes = torch.zeros((len(rows), H, n_max, first.num_subspaces), dtype=torch.uint8, device=device)
+            for r, index in enumerate(rows):
+                codes[r, :, : index.ntotal] = index.codes
+            codes = codes.view(len(rows) * H, n_max, first.num_subspaces)
+        centroids = torch.stack([index.centroids for index in rows]).flatten(0, 1)  # [R*H, M, K, dsub]
+        q = torch.stack([queries[i] for i, *_ in ranked]).view(len(rows) * H, -1, first.head_dim)  # [R*H, G, D]
+        tables = lookup_tables(q, centroids)
+        lo = torch.tensor([s for _, s, _, _ in ranked], device=device).repeat_interleave(H)
+        hi = torch.tensor([indices[i].ntotal - w for i, _, w, _ in ranked], device=device).repeat_interleave(H)
+        k = max(t for *_, t in ranked)
+        top = adc_topk(
+            codes, tables, k, lo=lo, hi=hi, aggregate=config.aggregate,
+            scale=scale if scale is not None else 1.0 / math.sqrt(first.head_dim),
+        ).view(len(rows), H, k)
+        for r, (i, sinks, window, t) in enumerate(ranked):
+            results[i] = _assemble(H, indices[i].ntotal, sinks, window, top[r, :, :t], device, block_size)
+    return results  # type: ignore[return-value]
