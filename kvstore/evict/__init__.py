@@ -3,7 +3,7 @@
 Importing this package registers the built-in policies in :data:`POLICIES`.
 """
 
-from kvstore.evict.base import POLICIES, BlockInfo, EvictionPolicy, make_policy, register_policy
-from kvstore.evict import lru  # noqa: F401  (registers "lru")
+from kvstore.evict.base import POLICIES, BlockInfo, EvictionPolicy, OfflinePolicy, make_policy, register_policy
+from kvstore.evict import arc, asym, belady, belady_cost, fifo, gdsf, lfu, lru, s3fifo  # noqa: F401  (register)
 
-__all__ = ["POLICIES", "BlockInfo", "EvictionPolicy", "make_policy", "register_policy"]
+__all__ = ["POLICIES", "BlockInfo", "EvictionPolicy", "OfflinePolicy", "make_policy", "register_policy"]

@@ -9,6 +9,8 @@ moves data: the store (or the replay simulator) calls
     victims(n, protected) -> up to n resident blocks to evict, best victim first
 
 ``victims`` only *names* blocks; the caller evicts them and then calls ``on_remove``.
+Offline policies (``offline = True``, e.g. Belady) also get the whole trace through
+:meth:`OfflinePolicy.prepare` before a replay; the store refuses them.
 Block ids are non-negative ints; every method takes any 1-D integer sequence (list, tuple,
 numpy array) and ``victims`` returns a 1-D int64 numpy array.
 
@@ -25,6 +27,7 @@ Writing a policy is one small class in one file::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from itertools import islice
 from typing import Callable, Iterable, TypeVar
 
 import numpy as np
@@ -38,6 +41,9 @@ __all__ = [
     "register_policy",
     "make_policy",
     "as_block_array",
+    "as_block_list",
+    "first_unprotected",
+    "OfflinePolicy",
 ]
 
 
@@ -45,6 +51,26 @@ def as_block_array(blocks: Iterable[int] | np.ndarray) -> np.ndarray:
     """``blocks`` as a 1-D int64 numpy array (no copy when it already is one)."""
     arr = np.asarray(blocks, dtype=np.int64)
     return arr.reshape(-1)
+
+
+def as_block_list(blocks: Iterable[int] | np.ndarray) -> list[int]:
+    """``blocks`` as a list of Python ints (what dict-based policies iterate over)."""
+    if isinstance(blocks, np.ndarray):
+        return blocks.astype(np.int64, copy=False).reshape(-1).tolist()
+    return as_block_array(blocks).tolist()
+
+
+def first_unprotected(order: Iterable[int], n: int, protected=None) -> np.ndarray:
+    """The first ``n`` ids of ``order`` not in ``protected``: ``[<= n]`` int64 (the victims of
+    a policy that keeps its blocks in eviction order, e.g. LRU's or FIFO's queue)."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if protected is None:
+        return np.fromiter(islice(order, n), dtype=np.int64)
+    skip = set(as_block_list(protected))
+    # At most len(skip) of the first n + len(skip) ids are protected.
+    out = [b for b in islice(order, n + len(skip)) if b not in skip]
+    return np.asarray(out[:n], dtype=np.int64)
 
 
 class BlockInfo:
@@ -150,12 +176,26 @@ class EvictionPolicy(ABC):
         """Up to ``n`` resident blocks to evict, best victim first, none of them in ``protected``.
 
         Returns fewer than ``n`` only when fewer unprotected blocks are resident. Does not
-        change the policy's state: the caller calls :meth:`on_remove` for what it evicts.
+        change which blocks the policy tracks: the caller calls :meth:`on_remove` for what it
+        evicts. Policies with lazy bookkeeping (S3-FIFO's promotions, a heap's stale entries)
+        may do that work here; naming victims twice without removing them is always valid.
         """
 
     def __len__(self) -> int:
         """Number of resident blocks tracked."""
         raise NotImplementedError
+
+
+class OfflinePolicy(EvictionPolicy):
+    """A policy that needs the future: the replay simulator calls :meth:`prepare` once, before
+    the first request, and keeps ``info.last_access[b]`` equal to the index (into
+    ``trace.blocks``) of the read being served, so the policy can look up that read's future."""
+
+    offline = True
+
+    @abstractmethod
+    def prepare(self, trace) -> None:
+        """Receive the whole trace (a :class:`kvstore.evict.trace.Trace`) before replay."""
 
 
 P = TypeVar("P", bound=type[EvictionPolicy])

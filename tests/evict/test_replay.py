@@ -1,0 +1,179 @@
+"""Replay simulator: libCacheSim equivalence, golden hit counts, the Belady bound, cost accounting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore.errors import ConfigError
+from kvstore.evict import POLICIES
+from kvstore.evict.cost import CostModel
+from kvstore.evict.replay import ReplayConfig, block_info, replay
+from kvstore.evict.trace import Trace, load_mooncake
+from kvstore.spec import KVSpec
+
+TINY = Path(__file__).parent / "data" / "tiny_mooncake.jsonl"
+MOONCAKE = Path(__file__).parents[2] / ".." / "shared" / "traces" / "mooncake_conversation.jsonl"
+ONLINE = sorted(n for n, cls in POLICIES.items() if not cls.offline)
+
+
+def libcachesim_hits(blocks: np.ndarray, capacity: int) -> int:
+    lcs = pytest.importorskip("libcachesim")
+    cache, req = lcs.LRU(cache_size=capacity), lcs.Request()
+    req.obj_size = 1
+    hits = 0
+    for i, b in enumerate(blocks.tolist()):
+        req.obj_id, req.clock_time = b, i
+        hits += cache.get(req)
+    return hits
+
+
+@pytest.mark.parametrize("capacity", [24, 31, 60])
+def test_lru_matches_libcachesim_on_tiny_trace(capacity):
+    trace = load_mooncake(TINY)
+    assert replay(trace, "lru", ReplayConfig(capacity_blocks=capacity)).device_hits == libcachesim_hits(trace.blocks, capacity)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31), extra=st.integers(0, 30))
+def test_lru_matches_libcachesim_on_random_traces(seed, extra):
+    trace = Trace.from_requests(_prefix_requests(seed, 40), block_tokens=16)
+    capacity = trace.max_request_blocks + extra
+    assert replay(trace, "lru", ReplayConfig(capacity_blocks=capacity, model="tiny")).device_hits == libcachesim_hits(trace.blocks, capacity)
+
+
+@pytest.mark.skipif(not MOONCAKE.is_file(), reason="the shared Mooncake trace is not present")
+def test_lru_matches_libcachesim_on_mooncake_prefix():
+    trace = load_mooncake(MOONCAKE, limit=1500)
+    capacity = int(0.1 * trace.num_unique_blocks)
+    ours = replay(trace, "lru", ReplayConfig(capacity_blocks=capacity))
+    assert ours.device_hits == libcachesim_hits(trace.blocks, capacity)
+
+
+#: (device hits, prefix hits) on tests/evict/data/tiny_mooncake.jsonl (344 block reads, 92
+#: unique blocks). LRU's equal libCacheSim's (checked above); Belady's are the largest.
+GOLDEN = {
+    24: {"arc": (184, 173), "asym": (173, 151), "belady": (211, 211), "belady-cost": (211, 211), "fifo": (164, 124),
+         "gdsf": (167, 150), "lfu": (155, 147), "lru": (163, 163), "s3fifo": (178, 176)},
+    40: {"arc": (218, 212), "asym": (228, 228), "belady": (249, 249), "belady-cost": (249, 249), "fifo": (220, 204),
+         "gdsf": (216, 214), "lfu": (219, 218), "lru": (214, 214), "s3fifo": (219, 213)},
+}
+
+
+@pytest.mark.parametrize("capacity", sorted(GOLDEN))
+def test_golden_hit_counts(capacity):
+    trace = load_mooncake(TINY)
+    got = {}
+    for name in GOLDEN[capacity]:
+        r = replay(trace, name, ReplayConfig(capacity_blocks=capacity))
+        got[name] = (r.device_hits, r.prefix_hits)
+    assert got == GOLDEN[capacity]
+    assert set(GOLDEN[capacity]) == set(POLICIES) - {"mru"}  # every built-in policy has a golden count
+    assert max(h for h, _ in got.values()) == got["belady"][0] <= trace.num_block_requests - trace.num_unique_blocks
+
+
+def _prefix_requests(seed: int, n: int) -> list[list[int]]:
+    """Random conversations growing their prefixes (Mooncake-like ids), interleaved."""
+    rng = np.random.default_rng(seed)
+    convs: list[list[int]] = []
+    next_id, out = 0, []
+    for _ in range(n):
+        if not convs or rng.random() < 0.3:
+            convs.append([])
+        c = convs[int(rng.integers(len(convs)))]
+        for _ in range(int(rng.integers(1, 4))):
+            c.append(next_id)
+            next_id += 1
+        out.append(list(c))
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31), extra=st.integers(0, 25), host=st.sampled_from([0, 8]))
+def test_belady_hits_at_least_every_online_policy(seed, extra, host):
+    trace = Trace.from_requests(_prefix_requests(seed, 30), block_tokens=16)
+    config = ReplayConfig(capacity_blocks=trace.max_request_blocks + extra, host_blocks=host, model="tiny")
+    bound = replay(trace, "belady", config).device_hits
+    for name in ONLINE:
+        assert replay(trace, name, config).device_hits <= bound, name
+
+
+def test_cost_accounting_by_hand():
+    """First reads are prefill, not recompute; re-reads of evicted blocks are both."""
+    trace = Trace.from_requests([[0, 1], [5], [0, 1, 2]], block_tokens=16)
+    cost = CostModel.preset("tiny")
+    r = replay(trace, "lru", ReplayConfig(capacity_blocks=4, model="tiny"))
+    f0, f1, f2 = (float(cost.recompute_flops(16 * i, 16)) for i in range(3))
+    # capacity 4 holds everything: only first reads miss (block 5 sits at position 0)
+    assert (r.device_hits, r.costs["multi-segment"].recompute_flops) == (2, 0.0)
+    assert r.costs["multi-segment"].prefill_flops == pytest.approx(f0 + f1 + f0 + f2)
+
+    trace = Trace.from_requests([[0, 1], [2, 3], [0, 1]], block_tokens=16)
+    r = replay(trace, "lru", ReplayConfig(capacity_blocks=2, model="tiny"))
+    assert r.device_hits == 0
+    assert r.costs["multi-segment"].recompute_flops == pytest.approx(f0 + f1)
+    ttft = r.costs["multi-segment"].ttft_s
+    assert ttft[2] == pytest.approx((f0 + f1) / cost.compute_throughput)
+
+
+def test_prefix_semantics_recompute_after_first_miss():
+    """asym, capacity 3: [0,1,2] then [3] evicts 0 (the cheapest: position 0); [0,1,2] misses
+    0 and evicts 3 (position 0 too) for it, then hits 1 and 2. Multi-segment recomputes block
+    0 only; prefix semantics recomputes 0, 1 and 2 although 1 and 2 are resident."""
+    bt = 65536  # long blocks: position dominates the cost, so the late blocks outweigh aging
+    trace = Trace.from_requests([[0, 1, 2], [3], [0, 1, 2]], block_tokens=bt)
+    cost = CostModel.preset("tiny")
+    flops = [float(cost.recompute_flops(bt * i, bt)) for i in range(3)]
+    r = replay(trace, "asym", ReplayConfig(capacity_blocks=3, model="tiny"))
+    assert (r.device_hits, r.prefix_hits) == (2, 0)
+    assert r.costs["multi-segment"].recompute_flops == pytest.approx(flops[0])
+    assert r.costs["prefix"].recompute_flops == pytest.approx(sum(flops))
+    assert r.costs["prefix"].ttft_s[2] > r.costs["multi-segment"].ttft_s[2]
+
+
+def test_host_tier_loads_and_bytes():
+    trace = Trace.from_requests([[0, 1], [2, 3], [0, 1]], block_tokens=16)
+    spec, cost = KVSpec.preset("tiny"), CostModel.preset("tiny")
+    r = replay(trace, "lru", ReplayConfig(capacity_blocks=2, host_blocks=2, model="tiny"))
+    assert (r.device_hits, r.host_hits) == (0, 2)
+    assert r.costs["multi-segment"].recompute_flops == 0.0
+    assert r.costs["multi-segment"].bytes_loaded == 2 * 16 * spec.bytes_per_token
+    assert r.costs["multi-segment"].ttft_s[2] == pytest.approx(2 * float(cost.reload_seconds(16 * spec.bytes_per_token)))
+
+
+def test_block_info_filled_from_trace_and_cost():
+    trace = load_mooncake(TINY)
+    config = ReplayConfig(capacity_blocks=30)
+    info = block_info(trace, config)
+    u = trace.num_unique_blocks
+    assert np.array_equal(info.position[:u], trace.position)
+    assert np.allclose(info.recompute_cost[:u], config.cost.recompute_flops(trace.position, trace.num_tokens))
+    assert np.isinf(info.reload_cost[:u]).all()  # no host tier: nothing to reload from
+    assert (info.tier[:u] == info.TIER_NONE).all()
+
+
+def test_config_errors():
+    trace = load_mooncake(TINY)
+    with pytest.raises(ConfigError, match="cannot hold the longest request"):
+        replay(trace, "lru", ReplayConfig(capacity_blocks=trace.max_request_blocks - 1))
+    with pytest.raises(ConfigError, match="capacity_blocks"):
+        ReplayConfig(capacity_blocks=0)
+    with pytest.raises(ConfigError, match="host_blocks"):
+        ReplayConfig(capacity_blocks=4, host_blocks=-1)
+    with pytest.raises(ConfigError, match="unknown KVSpec preset"):
+        ReplayConfig(capacity_blocks=4, model="gpt-9")
+    with pytest.raises(ConfigError, match="offline"):
+        replay(trace, "lru", ReplayConfig(capacity_blocks=30, host_blocks=4, host_policy="belady"))
+
+
+def test_recompute_flops_formula_matches_per_token_sum():
+    cost = CostModel.preset("llama3-8b")
+    m = cost.model
+    p, n = 1000, 512
+    brute = sum(m.linear_flops_per_token + m.attention_flops_per_token_position * t for t in range(p, p + n))
+    assert float(cost.recompute_flops(p, n)) == pytest.approx(brute, rel=1e-12)
+    assert float(cost.recompute_flops(2 * p, n)) > float(cost.recompute_flops(p, n))  # late blocks cost more
