@@ -47,6 +47,8 @@ from kvstore.errors import (
 )
 from kvstore.evict import BlockInfo, EvictionPolicy, make_policy
 from kvstore.evict.cost import CostModel
+from kvstore.pq.select import Budget, Selection
+from kvstore.pq.sequence import PQConfig, PQSequenceIndex, select_batch
 from kvstore.spec import KVSpec
 from kvstore.transfer import BlockMover, TransferHandle
 
@@ -124,6 +126,9 @@ class KVStore:
         cost: block cost model the policies read (default: a ModelCost derived from ``spec``).
         allow_nonfinite: accept NaN/Inf in appended K/V (rejected by default).
         pin_host: page-lock the host pool (default: when the device tier is on CUDA).
+        pq: keep a product-quantized key index per sequence and layer (PQCache selection,
+            :meth:`select`). Its uint8 codes stay on the device tier's device and do not move
+            with blocks: 4 bytes per token per KV head per layer at the default 4 sub-vectors.
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class KVStore:
         cost: CostModel | None = None,
         allow_nonfinite: bool = False,
         pin_host: bool | None = None,
+        pq: PQConfig | None = None,
     ) -> None:
         if not isinstance(spec, KVSpec):
             raise ConfigError(f"KVStore.spec must be a KVSpec, got {type(spec).__name__}")
@@ -149,7 +155,12 @@ class KVStore:
             raise ConfigError("KVStore.device_blocks must be >= 1, got 0")
         if recompute is not None and not callable(recompute):
             raise ConfigError(f"KVStore.recompute must be callable, got {type(recompute).__name__}")
+        if pq is not None and not isinstance(pq, PQConfig):
+            raise ConfigError(f"KVStore.pq must be a PQConfig or None, got {type(pq).__name__}")
+        if pq is not None and allow_nonfinite:
+            raise ConfigError("KVStore: allow_nonfinite=True cannot be combined with a PQ index (it rejects NaN/Inf keys)")
         self.spec = spec
+        self.pq = pq
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -168,6 +179,7 @@ class KVStore:
         self.mover = BlockMover(self.device)
 
         self._seqs: dict[int, _Seq] = {}
+        self._pq: dict[int, PQSequenceIndex] = {}
         self._next_seq = 0
         self._free_ids = np.empty(0, dtype=np.int64)  # recycled block ids (stack)
         self._next_id = 0
@@ -191,6 +203,8 @@ class KVStore:
         elif seq_id in self._seqs:
             raise ConfigError(f"sequence {seq_id} already exists")
         self._seqs[seq_id] = _Seq(self.spec.num_layers)
+        if self.pq is not None:
+            self._pq[seq_id] = PQSequenceIndex(self.spec, self.pq, lambda layer, s=seq_id: self._layer_keys(s, layer))
         return seq_id
 
     def fork(self, seq: int) -> int:
@@ -216,6 +230,9 @@ class KVStore:
             self._set_filled(new, np.array([partial]), np.array([partial]))
             child.push(new)
         child.layer_lens[:] = n
+        if self.pq is not None and n:
+            for layer in range(self.spec.num_layers):
+                self._pq[child_id].add(layer, self._layer_keys(child_id, layer))
         return child_id
 
     def free(self, seq: int) -> None:
@@ -226,6 +243,7 @@ class KVStore:
         b.refcount[ids] -= 1
         self._release_blocks(ids[b.refcount[ids] == 0])
         del self._seqs[seq]
+        self._pq.pop(seq, None)
         # Shared blocks this sequence created now belong to a surviving holder (recompute asks it).
         orphans = ids[(b.refcount[ids] > 0) & (b.seq[ids] == seq)]
         for other_id, other in self._seqs.items():
@@ -308,6 +326,37 @@ class KVStore:
         self._invalidate_host(targets)
         self._update_filled(s, first, targets)
         self._touch(targets)
+        if self.pq is not None:  # after the write, so a (re-)training reads the new keys too
+            index = self._pq[seq]
+            if layer is None:
+                for layer_id in range(spec.num_layers):
+                    index.add(layer_id, k[layer_id].transpose(0, 1))
+            else:
+                index.add(layer, k.transpose(0, 1))
+
+    # ================================================================== selection
+    def select(self, seq: int, layer: int, queries: torch.Tensor, budget: Budget) -> Selection:
+        """Tokens of ``seq`` that ``queries: [Hq, D]`` attend to in ``layer`` (PQCache selection).
+
+        Sinks + recent window + the top-k by ADC score within ``budget`` (tokens, or a fraction
+        of the sequence). Returns a Selection: ``positions [Hkv, S]`` sorted per KV head and the
+        ``blocks`` (indices into :meth:`block_table`) they fall in, which
+        :meth:`ensure_resident` brings to the device before attention.
+        """
+        return self.select_many([seq], layer, queries.unsqueeze(0), [budget])[0]
+
+    def select_many(self, seqs, layer: int, queries: torch.Tensor, budgets) -> list[Selection]:
+        """:meth:`select` for a batch of sequences of different lengths (``queries: [B, Hq, D]``), scored together."""
+        if self.pq is None:
+            raise ConfigError("select: this KVStore has no PQ index (construct it with pq=PQConfig())")
+        self._layer(layer)
+        for s in seqs:
+            self._seq(s)  # UnknownSequenceError for a bad id
+        return select_batch([self._pq[s] for s in seqs], layer, queries, list(budgets))
+
+    def _layer_keys(self, seq: int, layer: int) -> torch.Tensor:
+        """All keys of ``seq`` in ``layer``: ``[Hkv, n, D]``."""
+        return self.read(seq, layer=layer)[0].transpose(0, 1)
 
     def _check_kv(self, x: torch.Tensor, name: str, expect: tuple) -> None:
         if not isinstance(x, torch.Tensor):

@@ -1,0 +1,73 @@
+"""KVStore + PQ index: keys are encoded as they are appended, select() returns PQCache selections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvstore.errors import ConfigError, OutOfRangeError, UnknownSequenceError
+from kvstore.pq.sequence import PQConfig, PQSequenceIndex
+from kvstore.pq.synthetic import SyntheticConfig, SyntheticWorkload
+from kvstore.spec import KVSpec
+from kvstore.store import KVStore
+
+SPEC = KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=8, head_dim=32, dtype=torch.float32, block_size=16)
+
+
+def workload(prompt: int = 1024, steps: int = 4, seed: int = 3):
+    cfg = SyntheticConfig(num_kv_heads=2, group_size=4, head_dim=32, prompt_len=prompt, num_decode=steps, num_needles=2, seed=seed)
+    wl = SyntheticWorkload(cfg)
+    return cfg, [wl.layer(layer) for layer in range(SPEC.num_layers)]
+
+
+def test_select_matches_a_directly_built_index_and_tracks_decode_appends():
+    cfg, layers = workload()
+    store = KVStore(SPEC, device_blocks=128, host_blocks=0, pq=PQConfig())
+    seq = store.create()
+    keys = torch.stack([ld.keys for ld in layers])  # [L, Hkv, T, D]
+    values = torch.stack([ld.values for ld in layers])
+    n = cfg.prompt_len
+    store.append(seq, keys[:, :, :n].transpose(1, 2), values[:, :, :n].transpose(1, 2))
+    direct = PQSequenceIndex(SPEC, PQConfig(), lambda layer: keys[layer, :, :n])
+    for layer in range(SPEC.num_layers):
+        direct.add(layer, keys[layer, :, :n])
+    q = layers[1].queries[0]
+    got, want = store.select(seq, 1, q, 128), direct.select(1, q, 128)
+    assert torch.equal(got.positions, want.positions) and torch.equal(got.blocks, want.blocks)
+    assert got.positions.shape == (SPEC.num_kv_heads, 128)
+    # A decode token is encoded on append: the recent window now ends at the new token.
+    store.append(seq, keys[:, :, n : n + 1].transpose(1, 2), values[:, :, n : n + 1].transpose(1, 2))
+    sel = store.select(seq, 0, layers[0].queries[1], 0.125)
+    assert sel.num_tokens == n + 1 and int(sel.positions[:, -1].max()) == n
+    assert torch.equal(sel.blocks, torch.unique(sel.positions // SPEC.block_size))
+
+
+def test_select_many_scores_sequences_of_different_lengths():
+    cfg, layers = workload(prompt=1024)
+    store = KVStore(SPEC, device_blocks=256, pq=PQConfig())
+    seqs = []
+    for n in (600, 1000):
+        s = store.create()
+        k = torch.stack([ld.keys for ld in layers])[:, :, :n].transpose(1, 2)
+        store.append(s, k, k)
+        seqs.append(s)
+    q = torch.stack([layers[0].queries[0], layers[0].queries[1]])
+    sels = store.select_many(seqs, 0, q, [64, 0.0625])
+    assert [sel.num_tokens for sel in sels] == [600, 1000]
+    assert sels[0].positions.shape[1] == 64 and sels[1].positions.shape[1] == 63  # ceil(0.0625 * 1000)
+
+
+def test_select_errors():
+    plain = KVStore(SPEC, device_blocks=8)
+    s = plain.create()
+    with pytest.raises(ConfigError, match="no PQ index"):
+        plain.select(s, 0, torch.ones(8, 32), 16)
+    store = KVStore(SPEC, device_blocks=8, pq=PQConfig())
+    with pytest.raises(UnknownSequenceError, match="unknown sequence 7"):
+        store.select(7, 0, torch.ones(8, 32), 16)
+    with pytest.raises(OutOfRangeError, match="layer 2"):
+        store.select(store.create(), 2, torch.ones(8, 32), 16)
+    with pytest.raises(ConfigError, match="allow_nonfinite"):
+        KVStore(SPEC, device_blocks=8, pq=PQConfig(), allow_nonfinite=True)
+    with pytest.raises(ConfigError, match="PQConfig"):
+        KVStore(SPEC, device_blocks=8, pq={"bits": 8})
