@@ -1,0 +1,252 @@
+"""KVStoreConnector against the real vLLM 0.32 Scheduler and real CPU KV caches."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from conftest import BLOCK, LAYERS, make_kv_caches, make_request, make_scheduler, make_worker  # noqa: E402
+
+from kvstore.errors import ConfigError  # noqa: E402
+from kvstore.integrations.vllm import BlockCopy, KVStoreConnector, KVStoreConnectorMetadata  # noqa: E402
+
+NUM_BLOCKS = 128
+
+
+class Engine:
+    """The real Scheduler plus a worker connector driven the way vLLM's model runner drives it
+    (bind, start_load_kv, per layer wait_for_layer_load then save_kv_layer, wait_for_save,
+    get_finished, errors, worker meta, clear), recording every call."""
+
+    def __init__(self, base, hasher, extra, layout="contiguous"):
+        self.sched = make_scheduler(base, extra, NUM_BLOCKS)
+        self.worker = make_worker(base, extra, NUM_BLOCKS)
+        self.caches = make_kv_caches(NUM_BLOCKS, layout)
+        self.worker.register_kv_caches(self.caches)
+        self.hasher = hasher
+        self.calls: list[str] = []
+        conn = self.sched.connector
+        for name in ("get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta", "request_finished"):
+            orig = getattr(conn, name)
+
+            def rec(*a, _n=name, _f=orig, **k):
+                self.calls.append(_n)
+                return _f(*a, **k)
+
+            setattr(conn, name, rec)
+
+    def add(self, req_id, tokens, max_tokens=4):
+        self.sched.add_request(make_request(req_id, tokens, self.hasher, max_tokens))
+
+    def step(self):
+        from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+        out = self.sched.schedule()
+        meta, w = out.kv_connector_metadata, self.worker
+        assert isinstance(meta, KVStoreConnectorMetadata)
+        w.bind_connector_metadata(meta)
+        w.start_load_kv(None)
+        for name in LAYERS:
+            w.wait_for_layer_load(name)
+            w.save_kv_layer(name, self.caches[name], None)
+        w.wait_for_save()
+        sending, recving = w.get_finished(out.finished_req_ids)
+        kvo = KVConnectorOutput(
+            finished_sending=sending, finished_recving=recving,
+            invalid_block_ids=w.get_block_ids_with_load_errors(), kv_connector_worker_meta=w.build_connector_worker_meta(),
+        )
+        w.clear_connector_metadata()
+        reqs = list(out.num_scheduled_tokens)
+        mro = ModelRunnerOutput(
+            req_ids=reqs, req_id_to_index={r: i for i, r in enumerate(reqs)},
+            sampled_token_ids=[[7] for _ in reqs], kv_connector_output=kvo,
+        )
+        self.sched.update_from_output(out, mro)
+        return out, meta, kvo
+
+    def run(self, steps):
+        return [self.step() for _ in range(steps)]
+
+
+def _tokens(n, seed):
+    return np.random.default_rng(seed).integers(1, 999, n).tolist()
+
+
+def test_scheduler_call_sequence_save_finish_and_hit(base_vllm_config, block_hasher):
+    eng = Engine(base_vllm_config, block_hasher, {"host_blocks": 64, "policy": "lru"})
+    prompt = _tokens(60, 1)
+    eng.add("a", prompt, max_tokens=8)
+    out, meta, _ = eng.step()
+    assert eng.calls == ["get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta"]
+    assert len(meta.saves) == 3 and not meta.loads  # 3 full prompt blocks saved layer by layer
+    gpu_a = out.scheduled_new_reqs[0].block_ids[0]
+    assert meta.saves.gpu_blocks.tolist() == gpu_a[:3]
+    saved = {b: {n: eng.caches[n][b].clone() for n in LAYERS} for b in gpu_a[:4]}
+    steps = eng.run(8)
+    assert "request_finished" in eng.calls
+    finish_meta = [m for _, m, _ in steps if m.finished_saves]
+    assert len(finish_meta) == 1 and len(finish_meta[0].finished_saves["a"]) == 1  # decode block 4 saved at finish
+    assert any("a" in (kvo.finished_sending or ()) for _, _, kvo in steps)
+    assert len(eng.sched.connector.scheduler.index) == 4
+
+    # A second request with the same 64-token prefix, GPU prefix cache cleared: 4 blocks load.
+    assert eng.sched.reset_prefix_cache()
+    for b in saved:  # scribble over the old GPU blocks: the load must restore them from the host
+        for n in LAYERS:
+            eng.caches[n][b].normal_()
+    eng.calls.clear()
+    eng.add("b", prompt + [7] * 8 + [3])  # a's decode wrote 7s: its 4th block is prompt[48:] + 7 7 7 7
+    out, meta, kvo = eng.step()
+    assert eng.calls[:3] == ["get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta"]
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 64
+    assert set(meta.loads) == {"b"} and not kvo.invalid_block_ids
+    gpu_b = out.scheduled_new_reqs[0].block_ids[0]
+    assert meta.loads["b"].gpu_blocks.tolist() == gpu_b[:4]
+    for i, b in enumerate(gpu_a[:4]):
+        for n in LAYERS:
+            assert torch.equal(eng.caches[n][gpu_b[i]], saved[b][n]), (i, n)
+
+
+def test_lookup_has_no_side_effects(base_vllm_config, block_hasher):
+    eng = Engine(base_vllm_config, block_hasher, {"host_blocks": 8, "policy": "lru"})
+    eng.add("a", _tokens(40, 3), max_tokens=1)
+    eng.run(3)
+    idx = eng.sched.connector.scheduler.index
+    before = (dict(idx.slot_of), idx.info.last_access.copy(), list(idx.policy._order))
+    req = make_request("probe", _tokens(40, 3) + [1], block_hasher)
+    conn = eng.sched.connector
+    assert conn.get_num_new_matched_tokens(req, 0) == (32, False)
+    assert conn.get_num_new_matched_tokens(req, 16) == (16, False)
+    assert conn.get_num_new_matched_tokens(make_request("x", _tokens(40, 4), block_hasher), 0) == (0, False)
+    after = (dict(idx.slot_of), idx.info.last_access.copy(), list(idx.policy._order))
+    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and before[2] == after[2]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "nhd", "block_outer"])
+@pytest.mark.parametrize("host_block", [BLOCK, 2 * BLOCK])
+def test_worker_round_trip_bit_exact_layer_by_layer(base_vllm_config, layout, host_block):
+    extra = {"host_blocks": 16, "policy": "lru", "block_size": host_block}
+    w = make_worker(base_vllm_config, extra, NUM_BLOCKS)
+    caches = make_kv_caches(NUM_BLOCKS, layout, seed=5)
+    w.register_kv_caches(caches)
+    per = host_block // BLOCK
+    src, dst = [3, 9, 4, 77, 5, 6], [100, 101, 120, 64, 2, 90]
+    keys = [b"k%d" % i for i in range(len(src) // per)]
+    slots = [7, 2, 11, 0, 5, 13][: len(keys)]
+    original = {n: caches[n][src].clone() for n in LAYERS}
+    meta = KVStoreConnectorMetadata(saves=BlockCopy.build(slots, keys, src, 0, per))
+    w.bind_connector_metadata(meta)
+    w.start_load_kv(None)
+    for n in LAYERS:
+        w.save_kv_layer(n, caches[n], None)
+    w.wait_for_save()
+    host = w.worker.pool.kv
+    assert torch.isfinite(host[slots]).all() and (host[slots] != 0).any()
+    meta = KVStoreConnectorMetadata(loads={"r": BlockCopy.build(slots, keys, dst, 0, per)})
+    w.bind_connector_metadata(meta)
+    w.start_load_kv(None)
+    for i, n in enumerate(LAYERS):
+        assert not torch.equal(caches[n][dst], original[n])  # layer n not loaded before its wait
+        w.wait_for_layer_load(n)
+        assert torch.equal(caches[n][dst], original[n])
+        for later in LAYERS[i + 1 :]:
+            assert not torch.equal(caches[later][dst], original[later])
+    w.wait_for_save()
+    assert w.get_block_ids_with_load_errors() == set()
+
+
+def test_host_layout_is_kvstore_block_layout(base_vllm_config):
+    w = make_worker(base_vllm_config, {"host_blocks": 4, "policy": "lru"}, NUM_BLOCKS)
+    caches = make_kv_caches(NUM_BLOCKS, seed=6)
+    w.register_kv_caches(caches)
+    w.worker.save_blocks(BlockCopy.build([1], [b"x"], [10], 0, 1))
+    page = caches[LAYERS[1]][10]  # [H, N, 2D]
+    host = w.worker.pool.kv[1, 1]  # [2, N, H, D]
+    assert torch.equal(host[0], page[..., :32].transpose(0, 1))
+    assert torch.equal(host[1], page[..., 32:].transpose(0, 1))
+
+
+def test_vanished_host_copy_reports_failed_blocks(base_vllm_config, block_hasher):
+    eng = Engine(base_vllm_config, block_hasher, {"host_blocks": 16, "policy": "lru"})
+    prompt = _tokens(70, 8)
+    eng.add("a", prompt, max_tokens=1)
+    eng.run(3)
+    idx = eng.sched.connector.scheduler.index
+    assert len(idx) == 4
+    keys = eng.sched.connector.scheduler._keys(make_request("p", prompt + [1], block_hasher))
+    eng.worker.worker.drop([idx.slot_of[keys[2]]])
+    eng.sched.reset_prefix_cache()
+    eng.add("b", prompt + [1])
+    out, meta, kvo = eng.step()
+    failed = meta.loads["b"].gpu_blocks[2:3].tolist()
+    assert kvo.invalid_block_ids == set(failed)
+    assert len(idx) == 3  # the lost slot was reported back and forgotten
+    eng.run(2)  # vLLM recomputes; nothing raises
+
+
+def test_bad_extra_config_named(base_vllm_config):
+    for extra, key in [
+        ({"host_blokcs": 4}, "host_blokcs"),
+        ({"host_blocks": 0}, "host_blocks"),
+        ({"policy": "nope"}, "policy"),
+        ({"policy": "belady"}, "policy"),
+        ({"block_size": 24}, "block_size"),
+        ({"cold_tier": {"path": "/tmp/x", "max_gb": 1}}, "max_gb"),
+        ({"cold_tier": {"max_gib": 1}}, "path"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            make_worker(base_vllm_config, extra)
+
+
+def test_default_policy_is_asym(base_vllm_config):
+    conn = make_scheduler(base_vllm_config, {"host_blocks": 4}).connector
+    assert isinstance(conn, KVStoreConnector) and conn.scheduler.index.policy.name == "asym"
+
+
+def test_concurrent_saves_and_loads_lose_nothing(base_vllm_config):
+    w = make_worker(base_vllm_config, {"host_blocks": 64, "policy": "lru"}, NUM_BLOCKS).worker
+    caches = make_kv_caches(NUM_BLOCKS, seed=9)
+    w.register(caches, NUM_BLOCKS)
+    truth = {n: caches[n].clone() for n in LAYERS}
+    errors: list[BaseException] = []
+
+    def client(t: int) -> None:
+        try:
+            for rnd in range(20):
+                src = [t * 8 + i for i in range(4)]
+                dst = [64 + t * 8 + i for i in range(4)]
+                slots = [t * 8 + i for i in range(4)]
+                keys = [b"%d/%d/%d" % (t, rnd, i) for i in range(4)]
+                w.save_blocks(BlockCopy.build(slots, keys, src, 0, 1))
+                assert w.load_blocks(BlockCopy.build(slots, keys, dst, 0, 1)) == set()
+                for n in LAYERS:
+                    assert torch.equal(caches[n][dst], truth[n][src])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
+    start = time.monotonic()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not any(th.is_alive() for th in threads), "deadlock"
+    assert time.monotonic() - start < 60 and not errors, errors[:1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_round_trip(base_vllm_config):
+    w = make_worker(base_vllm_config, {"host_blocks": 8, "policy": "lru"}, NUM_BLOCKS)
+    caches = {n: t.cuda() for n, t in make_kv_caches(NUM_BLOCKS, seed=11).items()}
+    w.register_kv_caches(caches)
+    ref = {n: caches[n][[1, 2]].clone() for n in LAYERS}
+    w.worker.save_blocks(BlockCopy.build([0, 1], [b"a", b"b"], [1, 2], 0, 1))
+    assert w.worker.load_blocks(BlockCopy.build([0, 1], [b"a", b"b"], [5, 6], 0, 1)) == set()
+    for n in LAYERS:
+        assert torch.equal(caches[n][[5, 6]], ref[n])
