@@ -26,7 +26,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
     parser.add_argument("--preset", default="llama3-8b", help="KVSpec preset whose heads/head_dim/dtype are used")
     parser.add_argument("--layers", type=int, default=4, help="layers kept from the preset (scaled to fit memory)")
-    parser.add_argument("--contexts", default="8192,32768", help="comma-separated context lengths in tokens")
+    parser.add_argument("--contexts", default="32768", help="comma-separated context lengths in tokens")
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk size in tokens")
     parser.add_argument("--decode-steps", type=int, default=200, help="timed decode steps per context")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of each throughput measurement (median)")

@@ -38,4 +38,4 @@ def test_help_lists_defaults():
     proc = subprocess.run([sys.executable, "-m", "kvstore.cli", "bench", "store", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    assert "(default: 8192,32768)" in text and "--decode-steps DECODE_STEPS timed decode steps per context (default: 200)" in text
+    assert "(default: 32768)" in text and "--decode-steps DECODE_STEPS timed decode steps per context (default: 200)" in text
