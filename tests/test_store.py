@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_kv, requires_cuda
+from store_helpers import random_kv, requires_cuda
 from kvstore.errors import (
     BlockStateError,
     CapacityError,
