@@ -99,5 +99,5 @@ class PQCacheRef:
         weight = torch.gather(table, 3, codes.unsqueeze(2).expand(H, m, G, n_cand)).sum(1)  # [H, G, n_cand]
         score = torch.softmax(weight / math.sqrt(self.head_dim), dim=-1).sum(1)  # [H, n_cand]
         top = score.topk(topk, dim=-1, sorted=False).indices + self.sink_size
-        fixed = torch.cat([torch.arange(self.sink_size), torch.arange(N - recent, N)]).expand(H, -1)
+        fixed = torch.cat([torch.arange(self.sink_size), torch.arange(N - recent, N)]).to(top.device).expand(H, -1)
         return torch.cat([fixed, top], 1).sort(1).values

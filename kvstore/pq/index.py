@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from kvstore.errors import ConfigError, IndexStateError, NonFiniteError, OutOfRangeError, ShapeError
-from kvstore.pq.adc import adc_scores, adc_topk, lookup_tables
+from kvstore.pq.adc import adc_scores, lookup_tables
+from kvstore.pq.search_cuda import adc_topk  # fused CUDA kernel when enabled, the torch reference otherwise
 from kvstore.pq.kmeans import KMeansConfig, assign, kmeans
 
 __all__ = ["PQIndex"]

@@ -24,7 +24,8 @@ from typing import Sequence, Union
 import torch
 
 from kvstore.errors import ConfigError, IndexStateError, NonFiniteError, ShapeError
-from kvstore.pq.adc import AGGREGATES, adc_topk, lookup_tables
+from kvstore.pq.adc import AGGREGATES, lookup_tables
+from kvstore.pq.search_cuda import adc_topk  # fused CUDA kernel when enabled, the torch reference otherwise
 from kvstore.pq.index import PQIndex
 
 __all__ = ["Budget", "SelectionConfig", "Selection", "resolve_budget", "select_tokens", "window_selection"]
