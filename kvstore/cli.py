@@ -24,7 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "connector": "bench_connector",
 }
 #: ``kvstore bench`` with no name runs the first of these that exists
-DEFAULT_BENCHMARKS = ("store",)  # long-context joins once it meets its 60 s CPU target (issue 8)
+DEFAULT_BENCHMARKS = ("long-context", "store")
 
 
 def _available() -> dict[str, str]:

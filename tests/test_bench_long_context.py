@@ -1,0 +1,28 @@
+"""`kvstore bench long-context` on a small workload: every mode runs, JSON has the documented shape,
+lossless equals full, and kvstore's PQ selection is at least as good as PQCache's at equal budget."""
+
+from __future__ import annotations
+
+import json
+
+from kvstore import cli
+
+KEYS = {"mode", "context", "budget", "tpot_ms", "recall", "attention_mass", "rel_error", "needle_hit_rate", "device_bytes", "host_bytes"}
+
+
+def test_long_context_modes_side_by_side(tmp_path):
+    out, plot = tmp_path / "lc.json", tmp_path / "lc.png"
+    rc = cli.main(["bench", "long-context", "--device", "cpu", "--contexts", "4096", "--steps", "8", "--budget", "0.125",
+                   "--json", str(out), "--plot", str(plot)])
+    assert rc == 0 and plot.stat().st_size > 0
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"full", "pq", "pqcache-ref", "lossless"}
+    for r in rows.values():
+        assert KEYS <= set(r) and r["context"] == 4096 and r["tpot_ms"] > 0 and r["device_bytes"] > 0
+    assert rows["full"]["rel_error"] == 0 and rows["full"]["recall"] is None
+    assert rows["lossless"]["rel_error"] <= 1e-4  # attends to every token: equals full
+    assert rows["lossless"]["host_bytes"] > 0  # its device tier is smaller than the context
+    pq, ref = rows["pq"], rows["pqcache-ref"]
+    assert pq["budget"] == ref["budget"] == 0.125
+    assert pq["recall"] >= ref["recall"] and pq["attention_mass"] >= ref["attention_mass"]
+    assert pq["rel_error"] <= ref["rel_error"] and pq["needle_hit_rate"] >= ref["needle_hit_rate"]
