@@ -56,7 +56,7 @@ def as_block_array(blocks: Iterable[int] | np.ndarray) -> np.ndarray:
 def as_block_list(blocks: Iterable[int] | np.ndarray) -> list[int]:
     """``blocks`` as a list of Python ints (what dict-based policies iterate over)."""
     if isinstance(blocks, np.ndarray):
-        return blocks.astype(np.int64, copy=False).reshape(-1).tolist()
+        return blocks.tolist() if blocks.ndim == 1 and blocks.dtype == np.int64 else blocks.astype(np.int64).reshape(-1).tolist()
     return as_block_array(blocks).tolist()
 
 
@@ -67,10 +67,10 @@ def first_unprotected(order: Iterable[int], n: int, protected=None) -> np.ndarra
         return np.zeros(0, dtype=np.int64)
     if protected is None:
         return np.fromiter(islice(order, n), dtype=np.int64)
-    skip = set(as_block_list(protected))
+    skip = set(protected.tolist() if isinstance(protected, np.ndarray) else as_block_list(protected))
     # At most len(skip) of the first n + len(skip) ids are protected.
     out = [b for b in islice(order, n + len(skip)) if b not in skip]
-    return np.asarray(out[:n], dtype=np.int64)
+    return np.fromiter(islice(out, n), dtype=np.int64)
 
 
 class BlockInfo:
