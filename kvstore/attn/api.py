@@ -24,14 +24,13 @@ set ``KVSTORE_ATTN_BACKEND=auto`` (or pass ``backend="cuda"``) to use the kernel
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from kvstore.attn import cuda, kernel, reference
 from kvstore.attn.segments import BlockSegments
-from kvstore.errors import ConfigError, KernelError, OutOfRangeError, ShapeError
+from kvstore.errors import ConfigError, OutOfRangeError, ShapeError
 
 __all__ = [
     "BACKEND_ENV",
@@ -51,35 +50,12 @@ HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _auto(device: torch.device) -> str:
-    return "cuda" if device.type == "cuda" and cuda.cupy_available() else "torch"
-
-
-def _forced_cuda(device: torch.device) -> str:
-    if device.type != "cuda":
-        raise ShapeError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
-    if not cuda.cupy_available():
-        raise KernelError("backend 'cuda' needs cupy: pip install 'kvstore[cuda]'")
-    return "cuda"
-
-
-#: backend name -> which implementation it picks for tensors on a device ("torch" or "cuda").
-BACKENDS: dict[str, Callable[[torch.device], str]] = {
-    "auto": _auto,
-    "torch": lambda device: "torch",
-    "cuda": _forced_cuda,
-}
+BACKENDS = cuda.BACKENDS
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The implementation (``"torch"`` or ``"cuda"``) a call with tensors on ``device`` uses."""
-    name = os.environ.get(BACKEND_ENV, DEFAULT_BACKEND) if backend is None else backend
-    try:
-        pick = BACKENDS[name]
-    except KeyError:
-        source = f"${BACKEND_ENV}" if backend is None else "backend"
-        raise ConfigError(f"{source}={name!r} is not one of {sorted(BACKENDS)}") from None
-    return pick(device)
+    return cuda.resolve_backend(backend, device, env=BACKEND_ENV, default=DEFAULT_BACKEND)
 
 
 # ---------------------------------------------------------------------------------- validation

@@ -17,15 +17,16 @@ here checks shapes: the kernel's wrapper does that before it builds the argument
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from kvstore._locate import csrc_path
-from kvstore.errors import KernelError
+from kvstore.errors import ConfigError, KernelError, ShapeError
 
-__all__ = ["DEFAULT_OPTIONS", "cupy_available", "load_kernel", "launch", "ptr", "i32", "i64", "f32"]
+__all__ = ["BACKENDS", "DEFAULT_OPTIONS", "cupy_available", "resolve_backend", "load_kernel", "launch", "ptr", "i32", "i64", "f32"]
 
 #: NVRTC options every kvstore kernel is compiled with (cupy adds -arch for the device).
 DEFAULT_OPTIONS: tuple[str, ...] = ("-std=c++17",)
@@ -39,6 +40,42 @@ def cupy_available() -> bool:
     except Exception:  # ImportError, or a broken CUDA install failing at import
         return False
     return True
+
+
+def _auto(device: torch.device, what: str) -> str:
+    return "cuda" if device.type == "cuda" and cupy_available() else "torch"
+
+
+def _forced_cuda(device: torch.device, what: str) -> str:
+    if device.type != "cuda":
+        raise ShapeError(f"{what} 'cuda' needs CUDA tensors, got tensors on {device}")
+    if not cupy_available():
+        raise KernelError(f"{what} 'cuda' needs cupy: pip install 'kvstore[cuda]'")
+    return "cuda"
+
+
+#: backend name -> which implementation it picks for tensors on a device ("torch" or "cuda"):
+#: "auto" the kernel for CUDA tensors when cupy imports, "torch" the reference, "cuda" the kernel.
+BACKENDS: dict[str, Callable[[torch.device, str], str]] = {
+    "auto": _auto,
+    "torch": lambda device, what: "torch",
+    "cuda": _forced_cuda,
+}
+
+
+def resolve_backend(backend: str | None, device: torch.device, *, env: str, default: str, what: str = "backend") -> str:
+    """The implementation (``"torch"`` or ``"cuda"``) a call with tensors on ``device`` uses.
+
+    ``backend`` names one of :data:`BACKENDS`; None reads the environment variable ``env``,
+    else ``default``. ``what`` names the switch in error messages.
+    """
+    name = os.environ.get(env, default) if backend is None else backend
+    try:
+        pick = BACKENDS[name]
+    except KeyError:
+        source = f"${env}" if backend is None else what
+        raise ConfigError(f"{source}={name!r} is not one of {sorted(BACKENDS)}") from None
+    return pick(device, what)
 
 
 def _cupy():

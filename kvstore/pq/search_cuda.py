@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-from collections.abc import Callable
 
 import torch
 
@@ -50,35 +48,12 @@ _STATIC_SMEM = 9 * 1024  # the rank kernel's static shared memory (histogram + s
 _SMEM_OPT_IN = 48 * 1024  # dynamic shared memory above this needs the attribute set
 
 
-def _auto(device: torch.device) -> str:
-    return "cuda" if device.type == "cuda" and cuda.cupy_available() else "torch"
-
-
-def _forced_cuda(device: torch.device) -> str:
-    if device.type != "cuda":
-        raise ShapeError(f"PQ backend 'cuda' needs CUDA tensors, got codes on {device}")
-    if not cuda.cupy_available():
-        raise KernelError("PQ backend 'cuda' needs cupy: pip install 'kvstore[cuda]'")
-    return "cuda"
-
-
-#: backend name -> which implementation it picks for tensors on a device ("torch" or "cuda").
-BACKENDS: dict[str, Callable[[torch.device], str]] = {
-    "auto": _auto,
-    "torch": lambda device: "torch",
-    "cuda": _forced_cuda,
-}
+BACKENDS = cuda.BACKENDS
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The implementation (``"torch"`` or ``"cuda"``) a search over tensors on ``device`` uses."""
-    name = os.environ.get(BACKEND_ENV, DEFAULT_BACKEND) if backend is None else backend
-    try:
-        pick = BACKENDS[name]
-    except KeyError:
-        source = f"${BACKEND_ENV}" if backend is None else "backend"
-        raise ConfigError(f"{source}={name!r} is not one of {sorted(BACKENDS)}") from None
-    return pick(device)
+    return cuda.resolve_backend(backend, device, env=BACKEND_ENV, default=DEFAULT_BACKEND, what="PQ backend")
 
 
 def adc_topk(
