@@ -25,7 +25,7 @@ needles selected when asked for; device/host bytes = KV (and PQ codes) held per 
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -87,21 +87,15 @@ class _Clock:
         self.device = device
         self.totals: dict[str, float] = {"select": 0.0, "fetch": 0.0, "attn": 0.0, "append": 0.0}
 
+    @contextlib.contextmanager
     def __call__(self, phase: str):
-        clock = self
-
-        class _Span:
-            def __enter__(self):
-                if clock.device.type == "cuda":
-                    torch.cuda.synchronize(clock.device)
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if clock.device.type == "cuda":
-                    torch.cuda.synchronize(clock.device)
-                clock.totals[phase] += (time.perf_counter() - self.t0) * 1e3
-
-        return _Span()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.totals[phase] += (time.perf_counter() - t0) * 1e3
 
 
 def _workload(spec: KVSpec, context: int, steps: int, seed: int, device: torch.device):
@@ -219,7 +213,8 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: list[str]) -> list[dict]:
     bs = spec.block_size
     total_blocks = spec.num_blocks(context + args.steps)
-    budget_tokens = resolve_budget(args.budget if args.budget < 1 else int(args.budget), context)
+    budget = args.budget if args.budget < 1 else int(args.budget)  # a fraction, or tokens
+    budget_tokens = resolve_budget(budget, context)
     stats = {m: ModeStats() for m in modes}
     full_out: dict[tuple[int, int, int], torch.Tensor] = {}
     results = []
@@ -240,19 +235,17 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
                 store = KVStore(spec, device_blocks=max(2, total_blocks // 2), host_blocks=total_blocks, device=device)
             chunk = min(args.chunk, store.device_pool.num_slots * bs // 2)  # a chunk must fit the device tier
             seq = _prefill(store, keys, values, context, chunk)
-            if mode in ("pq", "pqcache-ref"):
-                with clock("select"):
-                    indexes = []
-                    for layer in range(spec.num_layers):
-                        if mode == "pq":
-                            index = PQIndex(spec.head_dim, args.subspaces, args.bits)
-                            index.train(keys[layer, :, :context].float())
-                            index.add(keys[layer, :, :context].float())
-                        else:
-                            index = PQCacheRef(spec.head_dim)
-                            index.train(keys[layer, :, :context].float().cpu())
-                        indexes.append(index)
-                clock.totals["select"] = 0.0  # training is prefill work, reported by `kvstore bench pq`
+            if mode in ("pq", "pqcache-ref"):  # training is prefill work, reported by `kvstore bench pq`
+                indexes = []
+                for layer in range(spec.num_layers):
+                    if mode == "pq":
+                        index = PQIndex(spec.head_dim, args.subspaces, args.bits)
+                        index.train(keys[layer, :, :context].float())
+                        index.add(keys[layer, :, :context].float())
+                    else:
+                        index = PQCacheRef(spec.head_dim)
+                        index.train(keys[layer, :, :context].float().cpu())
+                    indexes.append(index)
                 # Everything but the first blocks and the window starts on the host tier.
                 ids = store.block_table(seq)
                 on_dev = ids[store.blocks.dev_slot[ids.numpy()] >= 0]
@@ -260,7 +253,6 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
             for s in range(args.steps):
                 pos = context + s
                 t0 = time.perf_counter()
-                before = dict(clock.totals)
                 with clock("append"):
                     _append_token(store, seq, keys, values, pos)
                 for layer in range(spec.num_layers):
@@ -271,8 +263,7 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
                         with clock("select"):
                             if mode == "pq":
                                 indexes[layer].add(keys[layer, :, pos : pos + 1].float())
-                                sel = select_tokens([indexes[layer]], q.float(), args.budget if args.budget < 1 else int(args.budget),
-                                                    block_size=bs)[0]
+                                sel = select_tokens([indexes[layer]], q.float(), budget, block_size=bs)[0]
                                 positions = sel.positions
                             else:
                                 positions = indexes[layer].select(q[0].float().cpu(), budget_tokens).to(device)
@@ -293,15 +284,14 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
                     else:
                         st.rel_error.append(_rel_error(out, full_out[(b, s, layer)]))
                 st.step_ms.append((time.perf_counter() - t0) * 1e3)
-                for phase in ("select", "fetch", "attn"):
-                    setattr(st, f"{phase}_ms", getattr(st, f"{phase}_ms") + clock.totals[phase] - before[phase])
+            st.select_ms += clock.totals["select"]
+            st.fetch_ms += clock.totals["fetch"]
+            st.attn_ms += clock.totals["attn"]
             mem = store.memory()
             st.device_bytes = mem["device"].bytes_used
             st.host_bytes = mem["host"].bytes_used
             if mode == "pq":
                 st.device_bytes += sum(int(ix.codes.numel()) for ix in indexes)  # uint8 codes
-            if mode in stats:
-                stats[mode] = st
             del store
     n_steps = args.steps * args.batch
     for mode in modes:
