@@ -68,9 +68,9 @@ def first_unprotected(order: Iterable[int], n: int, protected=None) -> np.ndarra
     if protected is None:
         return np.fromiter(islice(order, n), dtype=np.int64)
     skip = set(protected.tolist() if isinstance(protected, np.ndarray) else as_block_list(protected))
-    # At most len(skip) of the first n + len(skip) ids are protected.
-    out = [b for b in islice(order, n + len(skip)) if b not in skip]
-    return np.fromiter(islice(out, n), dtype=np.int64)
+    # Reads ``order`` only up to the n-th unprotected id (protected blocks, just read, tend to
+    # be at the back of a recency order).
+    return np.fromiter(islice((b for b in order if b not in skip), n), dtype=np.int64)
 
 
 class BlockInfo:

@@ -4,14 +4,23 @@ LFU, GDSF, asym and the offline bounds differ only in how they score a block whe
 inserted or accessed; this base keeps the order. Invariants:
 
 - ``_live[b]`` is the entry ``(priority, tick, b)`` of every resident block ``b``; ``tick``
-  grows with every scoring, so equal priorities evict the older scoring first.
-- ``_heap`` holds one float per scoring and ``_bucket[k]`` the entry scored ``k`` (a deque of
-  them, oldest first, when several share ``k``): the heap compares floats only, several
-  times faster than tuples. An entry
-  whose block maps to a different object in ``_live`` is stale and dropped when it surfaces.
-- Entries that ``victims`` popped are kept in ``_lent`` and restored at the next ``victims``
-  unless the block was removed or re-scored meanwhile, so naming a victim costs one pop and
-  removing it costs nothing more.
+  grows with every scoring, so the order is ``(priority, tick)``: equal priorities evict the
+  older scoring first. Entries are unique (ticks are), so the order is total.
+- Every entry of ``_live`` is in ``_heap``, ``_pending`` or ``_lent``. An entry there whose
+  block maps to a different object in ``_live`` (re-scored or removed since) is stale and
+  dropped when it surfaces.
+- Scoring appends entries to ``_pending`` (in C: ``zip``, ``dict.update``, ``list.extend``; no
+  Python bytecode runs per block), so the heap work waits for ``victims``, which first moves
+  them into the heap: one push each when they are few, else ``_compact`` rebuilds the heap
+  from ``_live`` in one ``heapify``, dropping every stale entry (a shared prefix that every
+  request reads is re-scored many times between two evictions). ``_compact`` also runs when
+  stale and pending entries outnumber live ones.
+- Entries that ``victims`` popped are kept in ``_lent`` and pushed back at the next
+  ``victims`` unless the block was removed or re-scored meanwhile, so naming a victim costs
+  one pop and removing it costs nothing more.
+
+Where an entry waits changes when it is compared, never the order: entries are unique
+``(priority, tick, block)`` tuples and the victims are always the smallest live ones.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import heapq
 from abc import abstractmethod
 from collections import deque
+from functools import partial
 
 import numpy as np
 
@@ -33,8 +43,8 @@ class PriorityPolicy(EvictionPolicy):
     def __init__(self, info=None) -> None:
         super().__init__(info)
         self._live: dict[int, Entry] = {}
-        self._heap: list[float] = []
-        self._bucket: dict[float, Entry | deque[Entry]] = {}
+        self._heap: list[Entry] = []
+        self._pending: list[Entry] = []
         self._lent: list[Entry] = []
         self._tick = 0
 
@@ -66,47 +76,42 @@ class PriorityPolicy(EvictionPolicy):
 
     def _push(self, blocks, hit: bool) -> None:
         arr = as_block_array(blocks)
-        if arr.size == 0:
+        n = arr.size
+        if n == 0:
             return
         prio = self.priority(arr, hit)
         keys = prio.tolist() if isinstance(prio, np.ndarray) else list(map(float, prio))
-        live, heap, push, setdefault = self._live, self._heap, heapq.heappush, self._bucket.setdefault
+        ids = arr.tolist()
         tick = self._tick
-        for k, b in zip(keys, arr.tolist()):
-            tick += 1
-            e = live[b] = (k, tick, b)
-            q = setdefault(k, e)
-            if q is not e:
-                if type(q) is tuple:
-                    self._bucket[k] = deque((q, e))
-                else:
-                    q.append(e)
-            push(heap, k)
-        self._tick = tick
-        if len(heap) > 2 * len(live) + 4096:
+        entries = list(zip(keys, range(tick + 1, tick + 1 + n), ids))
+        self._tick = tick + n
+        self._live.update(zip(ids, entries))
+        self._pending += entries
+        if len(self._heap) + len(self._pending) > 2 * len(self._live) + 4096:
             self._compact()
 
     def victims(self, n: int, protected=None) -> np.ndarray:
-        live, heap, bucket = self._live, self._heap, self._bucket
+        if 8 * len(self._pending) > len(self._live):  # one O(live) heapify beats that many O(log) pushes
+            self._compact()
+        live, heap = self._live, self._heap
         get = live.get
+        if self._pending:
+            deque(map(partial(heapq.heappush, heap), self._pending), maxlen=0)
+            self._pending = []
         if self._lent:
+            push = heapq.heappush
             for e in self._lent:
                 if get(e[2]) is e:
-                    self._restore(e)
+                    push(heap, e)
             self._lent = []
-        out: list[int] = []
         if n <= 0:
             return np.zeros(0, dtype=np.int64)
+        out: list[int] = []
         lent = self._lent
         skip = set(as_block_list(protected)) if protected is not None else ()
-        pop, take = heapq.heappop, bucket.pop
+        pop = heapq.heappop
         while heap:
-            k = pop(heap)
-            e = take(k)
-            if type(e) is not tuple:  # several entries share k: take the oldest
-                q, e = e, e.popleft()
-                if q:
-                    bucket[k] = q
+            e = pop(heap)
             b = e[2]
             if get(b) is e:
                 lent.append(e)
@@ -116,32 +121,11 @@ class PriorityPolicy(EvictionPolicy):
                         break
         return np.asarray(out, dtype=np.int64)
 
-    def _restore(self, e: Entry) -> None:
-        """Put a lent entry back at the front of its bucket (it is older than the rest)."""
-        q = self._bucket.get(e[0])
-        if q is None:
-            self._bucket[e[0]] = e
-        elif type(q) is tuple:
-            self._bucket[e[0]] = deque((e, q))
-        else:
-            q.appendleft(e)
-        heapq.heappush(self._heap, e[0])
-
     def _compact(self) -> None:
-        """Drop stale entries (every scoring adds one)."""
-        entries = sorted(self._live.values(), key=lambda e: e[1])
-        bucket: dict[float, Entry | deque[Entry]] = {}
-        for e in entries:
-            q = bucket.get(e[0])
-            if q is None:
-                bucket[e[0]] = e
-            elif type(q) is tuple:
-                bucket[e[0]] = deque((q, e))
-            else:
-                q.append(e)
-        self._bucket = bucket
-        self._heap = [e[0] for e in entries]
+        """Rebuild the heap from ``_live``: merges the pending entries and drops the stale ones."""
+        self._heap = list(self._live.values())
         heapq.heapify(self._heap)
+        self._pending = []
         self._lent = []
 
 

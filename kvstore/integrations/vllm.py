@@ -53,6 +53,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from itertools import islice, takewhile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -219,21 +220,18 @@ class HostTierIndex:
     def match(self, keys: Sequence[bytes]) -> tuple[int, int]:
         """Leading keys present: ``(in host or cold, in host only)``. No side effects."""
         slot_of, cold = self.slot_of, self.cold
-        n = host = 0
-        for k in keys:
-            if k in slot_of:
-                if host == n:
-                    host += 1
-            elif k not in cold:
+        host = n = len(list(takewhile(slot_of.__contains__, keys)))
+        for k in islice(keys, host, None):
+            if k not in slot_of and k not in cold:
                 break
             n += 1
         return n, host
 
-    def touch(self, slots: Sequence[int]) -> None:
-        """Record an access to resident ``slots`` (prefix order: the last is the most recent)."""
-        if not slots:
-            return
+    def touch(self, slots: Sequence[int] | np.ndarray) -> None:
+        """Record an access to resident ``slots`` (``[n]``, prefix order: the last is the most recent)."""
         arr = np.asarray(slots, dtype=np.int64)
+        if arr.size == 0:
+            return
         self._clock += 1
         self.info.last_access[arr] = self._clock
         self.info.access_count[arr] += 1
@@ -314,7 +312,7 @@ class BlockCopy:
     keys: list[bytes]
 
     @classmethod
-    def build(cls, slots: Sequence[int], keys: Sequence[bytes], gpu_blocks: Sequence[int], first_sub: int, per_host: int) -> "BlockCopy":
+    def build(cls, slots: Sequence[int] | np.ndarray, keys: Sequence[bytes], gpu_blocks: Sequence[int], first_sub: int, per_host: int) -> "BlockCopy":
         """GPU blocks ``gpu_blocks`` hold consecutive pieces of the host blocks ``slots``,
         starting at piece ``first_sub`` of ``slots[0]``; ``per_host`` pieces per host block."""
         n = len(gpu_blocks)
@@ -412,20 +410,23 @@ class _SchedulerSide:
         h0, h1 = first // self.per_host, -(-end // self.per_host)
         keys = self._keys(request)[h0:h1]
         index, meta = self.index, self._meta
-        slots: list[int] = []
-        for i, key in enumerate(keys):
-            slot = index.slot_of.get(key)
-            if slot is None:  # cold hit: promote into a fresh slot, fetched before the load
-                got, evicted = index.insert([key], [(h0 + i) * bs])
-                meta.spills.extend(evicted)
-                if not got:
-                    raise CapacityError(f"host tier: no unpinned slot for a cold hit ({len(index.pinned)} pinned)")
-                slot = got[0]
-                meta.fetches.append((slot, key))
-            slots.append(slot)
-            index.pinned.add(slot)
-        index.touch(slots)
-        meta.loads[request.request_id] = BlockCopy.build(slots, keys, st.gpu_blocks[first:end], first % self.per_host, self.per_host)
+        slots = list(map(index.slot_of.get, keys))
+        done = 0  # slots[:done] are pinned
+        while None in slots[done:]:  # a cold hit: promote it into a fresh slot, fetched before the load
+            i = slots.index(None, done)
+            index.pinned.update(slots[done:i])
+            got, evicted = index.insert([keys[i]], [(h0 + i) * bs])
+            meta.spills.extend(evicted)
+            if not got:
+                raise CapacityError(f"host tier: no unpinned slot for a cold hit ({len(index.pinned)} pinned)")
+            slots[i] = got[0]
+            meta.fetches.append((got[0], keys[i]))
+            slots[i + 1 :] = map(index.slot_of.get, keys[i + 1 :])  # the insert may have evicted later hits
+            done = i
+        index.pinned.update(slots[done:])
+        slot_arr = np.asarray(slots, dtype=np.int64)
+        index.touch(slot_arr)
+        meta.loads[request.request_id] = BlockCopy.build(slot_arr, keys, st.gpu_blocks[first:end], first % self.per_host, self.per_host)
         st.num_saved = max(st.num_saved, end // self.per_host)
 
     def _plan_saves(self, st: _ReqState, upto_tokens: int) -> BlockCopy | None:
@@ -436,10 +437,9 @@ class _SchedulerSide:
         if n_full <= st.num_saved:
             return None
         index, bs = self.index, self.spec.block_size
-        todo = range(st.num_saved, n_full)
-        resident = [index.slot_of[keys[i]] for i in todo if keys[i] in index.slot_of]
-        index.touch(resident)
-        new = [i for i in todo if keys[i] not in index.slot_of]
+        found = list(map(index.slot_of.get, keys[st.num_saved : n_full]))
+        index.touch([s for s in found if s is not None])
+        new = [st.num_saved + j for j, s in enumerate(found) if s is None]
         slots, evicted = index.insert([keys[i] for i in new], [i * bs for i in new])
         self._meta.spills.extend(evicted)
         st.num_saved = n_full if len(slots) == len(new) else new[len(slots)]  # retry what did not fit
