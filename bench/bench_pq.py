@@ -6,6 +6,8 @@ of the tokens (sinks and window included). Methods, all at the same token budget
 
 * ``kvstore m4b8``: PQIndex M=4, 8 bits (4 B codes per token per head), GQA "sum";
 * ``kvstore m2b6``: the same code bits as PQCache (m=2, b=6);
+* ``kvstore m4b8 refine R``: M=4, 8 bits, then exact re-ranking of a shortlist of R x the
+  top-k plus the index's outliers (reads those keys: R x the K bytes of the selection);
 * ``pqcache_ref``: PQCache's published selection (bench/baselines/pqcache_ref.py);
 * ``exact``: the same sinks + window + top-k with exact scores (the ceiling of any scorer).
 
@@ -40,6 +42,7 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--decode-steps", type=int, default=16, help="decode queries scored")
     parser.add_argument("--sinks", type=int, default=32, help="sink tokens kept (kvstore)")
     parser.add_argument("--window", type=int, default=128, help="recent tokens kept (kvstore)")
+    parser.add_argument("--refine", default="2,4", help="comma-separated shortlist factors of the exact re-ranking rows ('' for none)")
     parser.add_argument("--repeat", type=int, default=20, help="timed repetitions of a search")
     parser.add_argument("--no-faiss", action="store_true", help="skip the faiss-cpu rows")
     parser.add_argument("--markdown", default=None, metavar="OUT", help="also write the results as markdown to OUT")
@@ -80,14 +83,15 @@ def main(args) -> int:
     keys = data.keys[:, :P].to(device)
     budget = resolve_budget(args.budget, P)
     scale = 1.0 / math.sqrt(D)
-    sel_cfg = SelectionConfig(num_sinks=args.sinks, recent_window=args.window)
     queries = data.queries.to(device)
 
     config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     results: dict = {"config": {**config, "budget_tokens": budget}, "machine": machine_info(device), "methods": {}}
     quality_rows, speed_rows = [], []
 
-    def kvstore_method(name: str, M: int, bits: int) -> None:
+    def kvstore_method(name: str, M: int, bits: int, refine: float = 1.0) -> None:
+        sel_cfg = SelectionConfig(num_sinks=args.sinks, recent_window=args.window, refine=refine)
+        keys_arg = [keys] if refine > 1 else None
         index = PQIndex(D, M, bits)
         t0 = time.perf_counter()
         index.train(keys)
@@ -95,14 +99,16 @@ def main(args) -> int:
         train_s = time.perf_counter() - t0
         q1 = queries[0].view(H, args.group, D)[:, :1]  # one query per KV head
         search = time_fn(lambda: index.search(q1, budget), warmup=3, repeat=args.repeat, device=device)
-        select = time_fn(lambda: select_tokens([index], [queries[0]], budget, config=sel_cfg), warmup=3, repeat=args.repeat, device=device)
-        qual = _quality(lambda s: select_tokens([index], [queries[s]], budget, config=sel_cfg)[0].positions.cpu(), data, budget, scale)
+        select = time_fn(lambda: select_tokens([index], [queries[0]], budget, config=sel_cfg, keys=keys_arg), warmup=3, repeat=args.repeat, device=device)
+        qual = _quality(lambda s: select_tokens([index], [queries[s]], budget, config=sel_cfg, keys=keys_arg)[0].positions.cpu(), data, budget, scale)
         results["methods"][name] = {**qual, "train_s": train_s, "search_ms": search.median_ms, "select_ms": select.median_ms, "code_bytes_per_token_head": M}
         quality_rows.append([name, qual["recall"], qual["recall@64"], qual["mass"], qual["worst_mass"], qual["output_error"], qual["needle_hits"], M])
         speed_rows.append([name, train_s, search.median_ms, select.median_ms])
 
     kvstore_method("kvstore m4b8", 4, 8)
     kvstore_method("kvstore m2b6", 2, 6)
+    for r in [float(x) for x in args.refine.split(",") if x.strip()]:
+        kvstore_method(f"kvstore m4b8 refine {r:g}", 4, 8, refine=r)
 
     ref = PQCacheRef(D, sink_size=32, seed=args.seed)
     t0 = time.perf_counter()

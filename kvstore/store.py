@@ -204,7 +204,10 @@ class KVStore:
             raise ConfigError(f"sequence {seq_id} already exists")
         self._seqs[seq_id] = _Seq(self.spec.num_layers)
         if self.pq is not None:
-            self._pq[seq_id] = PQSequenceIndex(self.spec, self.pq, lambda layer, s=seq_id: self._layer_keys(s, layer))
+            self._pq[seq_id] = PQSequenceIndex(
+                self.spec, self.pq, lambda layer, s=seq_id: self._layer_keys(s, layer),
+                key_gather=lambda layer, positions, s=seq_id: self._gather_keys(s, layer, positions),
+            )
         return seq_id
 
     def fork(self, seq: int) -> int:
@@ -353,6 +356,34 @@ class KVStore:
         for s in seqs:
             self._seq(s)  # UnknownSequenceError for a bad id
         return select_batch([self._pq[s] for s in seqs], layer, queries, list(budgets))
+
+    def _gather_keys(self, seq: int, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        """Keys of ``seq`` in ``layer`` at per-head ``positions: [Hkv, C]`` -> ``[Hkv, C, D]`` on the
+        device, read where the blocks lie (what exact re-ranking reads; not an access)."""
+        s = self._seq(seq)
+        pos = positions.cpu().numpy()
+        bs = self.spec.block_size
+        ids = s.ids[pos // bs]
+        offs = pos % bs
+        heads = np.broadcast_to(np.arange(pos.shape[0])[:, None], pos.shape)
+        out = torch.empty((*pos.shape, self.spec.head_dim), dtype=self.spec.dtype, device=self.device)
+        dev = self.blocks.dev_slot[ids]
+        host = self.blocks.host_slot[ids]
+        on_dev = dev >= 0
+        on_host = ~on_dev & (host >= 0)
+        gone = ~on_dev & ~on_host
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        if on_dev.any():
+            rows = self.device_pool.layer_view(layer, 0)[t(dev[on_dev]).to(self.device), t(offs[on_dev]).to(self.device), t(heads[on_dev]).to(self.device)]
+            out[t(on_dev).to(self.device)] = rows
+        if on_host.any():
+            self.mover.synchronize()
+            rows = self.host_pool.layer_view(layer, 0)[t(host[on_host]), t(offs[on_host]), t(heads[on_host])]
+            out[t(on_host).to(self.device)] = rows.to(self.device)
+        if gone.any():  # dropped blocks: recomputed, not kept
+            k = self.read(seq, pos[gone], layer=layer)[0]  # [T, Hkv, D]
+            out[t(gone).to(self.device)] = k[torch.arange(k.shape[0], device=self.device), t(heads[gone]).to(self.device)]
+        return out
 
     def _layer_keys(self, seq: int, layer: int) -> torch.Tensor:
         """All keys of ``seq`` in ``layer``: ``[Hkv, n, D]``."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvstore.evict import BlockInfo
 from kvstore.errors import ConfigError, OutOfRangeError, UnknownSequenceError
+from kvstore.pq.select import SelectionConfig
 from kvstore.pq.sequence import PQConfig, PQSequenceIndex
 from kvstore.pq.synthetic import SyntheticConfig, SyntheticWorkload
 from kvstore.spec import KVSpec
@@ -71,3 +73,25 @@ def test_select_errors():
         KVStore(SPEC, device_blocks=8, pq=PQConfig(), allow_nonfinite=True)
     with pytest.raises(ConfigError, match="PQConfig"):
         KVStore(SPEC, device_blocks=8, pq={"bits": 8})
+
+
+def test_refine_reads_exact_keys_wherever_the_blocks_lie():
+    """Re-ranking gathers keys from device and host blocks alike: the selection is the same
+    as re-ranking against the keys held in a tensor."""
+    cfg, layers = workload(prompt=1024)
+    pq = PQConfig(selection=SelectionConfig(num_sinks=8, recent_window=32, refine=2.0))
+    store = KVStore(SPEC, device_blocks=80, host_blocks=64, pq=pq)
+    seq = store.create()
+    keys = torch.stack([ld.keys for ld in layers])[:, :, : cfg.prompt_len]  # [L, Hkv, n, D]
+    store.append(seq, keys.transpose(1, 2), keys.transpose(1, 2) * 0.5)
+    first = store.block_table(seq)[:40]
+    store.offload(first).wait()  # the first 40 of 64 blocks go to the host
+    assert bool((store.residency(first) == BlockInfo.TIER_HOST).all())
+    direct = PQSequenceIndex(SPEC, pq, lambda layer: keys[layer])
+    for layer in range(SPEC.num_layers):
+        direct.add(layer, keys[layer])
+    for step in range(2):
+        q = layers[1].queries[step]
+        got, want = store.select(seq, 1, q, 96), direct.select(1, q, 96)
+        assert torch.equal(got.positions, want.positions)
+    assert bool((store.residency(first) == BlockInfo.TIER_HOST).all())  # reading keys moved nothing

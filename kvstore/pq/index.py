@@ -13,8 +13,16 @@ append); ``search``/``scores`` rank the added tokens by maximum inner product th
 (kvstore.pq.adc); ``reset`` drops the codes but keeps the training. Centroids and codes live
 on the device of the keys passed to ``train``.
 
+**Outliers.** A few keys fit no centroid (a needle: a fact stated once, in a direction no
+other key shares); their ADC scores are badly off. ``train`` sets a per-head threshold, the
+``1 - outlier_fraction`` quantile of the training keys' relative quantization error, and
+``add`` records the positions of the keys above it (int32 per outlier: at 1% that is 0.04 B
+per token per head). The index cannot score them better itself; selection with exact
+re-ranking (kvstore.pq.select, ``SelectionConfig.refine``) always re-scores them exactly.
+
 Invariants: ``codes[:, :ntotal]`` are valid; ``ntotal <= capacity``; the code buffer grows by
-doubling, so ``add`` is amortised O(tokens added).
+doubling, so ``add`` is amortised O(tokens added); ``_outliers[h, :_outlier_counts[h]]`` are
+the outlier positions of head ``h``, ascending, all ``< ntotal``.
 """
 
 from __future__ import annotations
@@ -45,9 +53,14 @@ class PQIndex:
         num_subspaces: M, sub-vectors per key (= code bytes per token per head).
         bits: 4..8, ``2**bits`` centroids per subspace.
         kmeans: how centroids are trained.
+        outlier_fraction: in [0, 1): share of the training keys, by quantization error, whose
+            error marks a key as an outlier (0 records none).
     """
 
-    def __init__(self, head_dim: int, num_subspaces: int = 4, bits: int = 8, *, kmeans: KMeansConfig | None = None) -> None:
+    def __init__(
+        self, head_dim: int, num_subspaces: int = 4, bits: int = 8, *, kmeans: KMeansConfig | None = None,
+        outlier_fraction: float = 0.01,
+    ) -> None:
         _check_int("head_dim", head_dim, 1)
         _check_int("num_subspaces", num_subspaces, 1)
         _check_int("bits", bits, 4, 8)
@@ -55,10 +68,16 @@ class PQIndex:
             raise ConfigError(f"PQIndex: head_dim={head_dim} is not a multiple of num_subspaces={num_subspaces}")
         if kmeans is not None and not isinstance(kmeans, KMeansConfig):
             raise ConfigError(f"PQIndex: kmeans must be a KMeansConfig, got {type(kmeans).__name__}")
+        if isinstance(outlier_fraction, bool) or not isinstance(outlier_fraction, (int, float)) or not 0.0 <= outlier_fraction < 1.0:
+            raise ConfigError(f"PQIndex: outlier_fraction must be a number in [0, 1), got {outlier_fraction!r}")
         self.head_dim = head_dim
         self.num_subspaces = num_subspaces
         self.bits = bits
         self.kmeans_config = kmeans or KMeansConfig()
+        self.outlier_fraction = float(outlier_fraction)
+        self.outlier_threshold: torch.Tensor | None = None  # [H] relative error above which a key is an outlier
+        self._outliers: torch.Tensor | None = None  # [H, capacity] int64 positions
+        self._outlier_counts: torch.Tensor | None = None  # [H] int64
         self.centroids: torch.Tensor | None = None  # [H, M, K, dsub] float32
         self.train_error: torch.Tensor | None = None  # [H] mean relative quantization error of the training keys
         self._codes: torch.Tensor | None = None  # [H, capacity, M] uint8
@@ -92,6 +111,15 @@ class PQIndex:
         self._require_trained("codes")
         assert self._codes is not None
         return self._codes[:, : self.ntotal]
+
+    @property
+    def outliers(self) -> torch.Tensor:
+        """``[H, O]`` int64 outlier positions per head, ascending, padded with -1 (``O`` = the most any head has)."""
+        self._require_trained("outliers")
+        assert self._outliers is not None and self._outlier_counts is not None
+        width = int(self._outlier_counts.max()) if self._outlier_counts.numel() else 0
+        out = self._outliers[:, :width]
+        return out.masked_fill(torch.arange(width, device=out.device) >= self._outlier_counts[:, None], -1)
 
     @property
     def code_bytes_per_token(self) -> int:
@@ -174,7 +202,13 @@ class PQIndex:
         _, err = self._encode(sample, centroids)
         self.centroids = centroids
         self.train_error = err.mean(1)
+        if self.outlier_fraction > 0:
+            self.outlier_threshold = torch.quantile(err, 1.0 - self.outlier_fraction, dim=1)
+        else:
+            self.outlier_threshold = torch.full((H,), float("inf"), device=keys.device)
         self._codes = torch.empty((H, _MIN_CAPACITY, M), dtype=torch.uint8, device=keys.device)
+        self._outliers = torch.empty((H, _MIN_CAPACITY), dtype=torch.int64, device=keys.device)
+        self._outlier_counts = torch.zeros(H, dtype=torch.int64, device=keys.device)
         self.ntotal = 0
 
     def encode(self, keys: torch.Tensor) -> torch.Tensor:
@@ -206,8 +240,27 @@ class PQIndex:
         self._check_keys("add", keys)
         assert self.centroids is not None and self._codes is not None
         codes, err = self._encode(keys, self.centroids)
+        assert self.outlier_threshold is not None
+        self._append_outliers(err > self.outlier_threshold[:, None], self.ntotal)
         self._append_codes(codes)
         return err
+
+    def _append_outliers(self, flags: torch.Tensor, start: int) -> None:
+        """Record the positions ``start + j`` where ``flags: [H, n]`` is set, per head."""
+        assert self._outliers is not None and self._outlier_counts is not None
+        new = flags.sum(1)
+        if not bool(new.any()):
+            return
+        end = self._outlier_counts + new
+        need = int(end.max())
+        if need > self._outliers.shape[1]:
+            grown = torch.empty((self._outliers.shape[0], max(need, 2 * self._outliers.shape[1])), dtype=torch.int64, device=flags.device)
+            grown[:, : self._outliers.shape[1]] = self._outliers
+            self._outliers = grown
+        h, j = flags.nonzero(as_tuple=True)  # row-major: ascending j within each head
+        rank = torch.cumsum(flags, 1)[h, j] - 1
+        self._outliers[h, self._outlier_counts[h] + rank] = start + j
+        self._outlier_counts = end
 
     def _append_codes(self, codes: torch.Tensor) -> None:
         assert self._codes is not None
@@ -250,8 +303,10 @@ class PQIndex:
         return adc_topk(self.codes, tables, k)
 
     def reset(self) -> None:
-        """Drop every added code; keep the codebooks (FAISS semantics)."""
+        """Drop every added code (and outlier); keep the codebooks (FAISS semantics)."""
         self.ntotal = 0
+        if self._outlier_counts is not None:
+            self._outlier_counts.zero_()
 
     def quantization_error(self, keys: torch.Tensor) -> torch.Tensor:
         """Mean relative squared quantization error per head of ``keys: [H, N, D]`` -> ``[H]``."""
@@ -267,19 +322,23 @@ class PQIndex:
             "head_dim": self.head_dim,
             "num_subspaces": self.num_subspaces,
             "bits": self.bits,
+            "outlier_fraction": self.outlier_fraction,
             "centroids": self.centroids,
             "train_error": self.train_error,
+            "outlier_threshold": self.outlier_threshold,
             "codes": None if self.centroids is None else self.codes.clone(),
+            "outliers": None if self.centroids is None else self.outliers.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()`` output; the config must match this index's."""
-        for name in ("head_dim", "num_subspaces", "bits"):
+        for name in ("head_dim", "num_subspaces", "bits", "outlier_fraction"):
             if state.get(name) != getattr(self, name):
                 raise ConfigError(f"PQIndex.load_state_dict: {name}={state.get(name)!r} != index {name}={getattr(self, name)}")
         centroids, codes = state.get("centroids"), state.get("codes")
         if centroids is None:
-            self.centroids = self.train_error = self._codes = None
+            self.centroids = self.train_error = self._codes = self.outlier_threshold = None
+            self._outliers = self._outlier_counts = None
             self.ntotal = 0
             return
         M, K, dsub = self.num_subspaces, self.num_centroids, self.subspace_dim
@@ -288,8 +347,19 @@ class PQIndex:
         H = centroids.shape[0]
         if codes is None or codes.dtype != torch.uint8 or codes.dim() != 3 or codes.shape[0] != H or codes.shape[2] != M:
             raise ShapeError(f"PQIndex.load_state_dict: codes must be uint8 [{H}, tokens, {M}]")
+        outliers = state.get("outliers")
+        if (
+            outliers is None or outliers.dtype != torch.int64 or outliers.dim() != 2 or outliers.shape[0] != H
+            or bool((outliers >= codes.shape[1]).any()) or bool((outliers < -1).any())
+        ):
+            raise ShapeError(f"PQIndex.load_state_dict: outliers must be int64 [{H}, O] positions < {codes.shape[1]}, padded with -1")
+        device = centroids.device
         self.centroids = centroids.float().clone()
         self.train_error = state["train_error"].clone()
-        self._codes = torch.empty((H, max(_MIN_CAPACITY, codes.shape[1]), M), dtype=torch.uint8, device=centroids.device)
+        self.outlier_threshold = state["outlier_threshold"].clone()
+        self._codes = torch.empty((H, max(_MIN_CAPACITY, codes.shape[1]), M), dtype=torch.uint8, device=device)
+        self._outliers = torch.empty((H, max(_MIN_CAPACITY, outliers.shape[1])), dtype=torch.int64, device=device)
+        self._outlier_counts = (outliers >= 0).sum(1).to(device)
+        self._outliers[:, : outliers.shape[1]] = outliers.to(device)
         self.ntotal = 0
-        self._append_codes(codes.to(centroids.device))
+        self._append_codes(codes.to(device))

@@ -13,13 +13,21 @@ one set: each query's scores over the candidates are turned into probabilities
 or maxed (``"max"``). A batch of sequences of different lengths is scored in one call: codes
 are padded to the longest sequence and tokens outside each sequence's candidate range are
 masked (kvstore.pq.adc.adc_topk).
+
+**Exact re-ranking** (``refine > 1``, FAISS's IndexRefine): ADC ranks the candidates, the best
+``ceil(refine * k)`` of them plus the index's outliers (keys no centroid fits, see
+kvstore.pq.index) form a shortlist, and the shortlist is re-scored with the exact keys, which
+the caller supplies (``keys``: the store gathers them from its blocks), before the final
+top-k. Codes stay 4 B per token; the price is reading the shortlist's keys, ``refine`` times
+the K bytes of the selected tokens plus the outliers'. ``refine = 1`` (default) is PQCache's
+selection: codes only.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -28,10 +36,14 @@ from kvstore.pq.adc import AGGREGATES, lookup_tables
 from kvstore.pq.search_cuda import adc_topk  # fused CUDA kernel when enabled, the torch reference otherwise
 from kvstore.pq.index import PQIndex
 
-__all__ = ["Budget", "SelectionConfig", "Selection", "resolve_budget", "select_tokens", "window_selection"]
+__all__ = ["Budget", "KeySource", "SelectionConfig", "Selection", "resolve_budget", "select_tokens", "window_selection"]
 
 #: A token budget: an int number of tokens (>= 1) or a float fraction of the sequence in (0, 1].
 Budget = Union[int, float]
+
+#: Exact keys of a sequence for re-ranking: all of them, ``[Hkv, N, D]``, or a gather
+#: ``fn(positions: [Hkv, C] int64) -> [Hkv, C, D]``.
+KeySource = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,11 +54,13 @@ class SelectionConfig:
         num_sinks: leading tokens always kept.
         recent_window: trailing tokens always kept.
         aggregate: ``"sum"`` or ``"max"`` of the softmax-normalised scores of a GQA group.
+        refine: shortlist factor of exact re-ranking (>= 1; 1 scores by codes only).
     """
 
     num_sinks: int = 32
     recent_window: int = 128
     aggregate: str = "sum"
+    refine: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("num_sinks", "recent_window"):
@@ -55,6 +69,8 @@ class SelectionConfig:
                 raise ConfigError(f"SelectionConfig.{name} must be an int >= 0, got {value!r}")
         if self.aggregate not in AGGREGATES:
             raise ConfigError(f"SelectionConfig.aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if isinstance(self.refine, bool) or not isinstance(self.refine, (int, float)) or not 1.0 <= self.refine < math.inf:
+            raise ConfigError(f"SelectionConfig.refine must be a finite number >= 1, got {self.refine!r}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,7 @@ def select_tokens(
     config: SelectionConfig | None = None,
     block_size: int = 16,
     scale: float | None = None,
+    keys: Sequence[KeySource] | None = None,
 ) -> list[Selection]:
     """Select the tokens of one layer for a batch of sequences.
 
@@ -142,6 +159,7 @@ def select_tokens(
         config: sinks, window and GQA aggregation.
         block_size: tokens per block, to report the blocks.
         scale: softmax scale of the aggregation, default ``1/sqrt(D)``.
+        keys: one KeySource per sequence, required when ``config.refine > 1``.
 
     Returns:
         One Selection per sequence.
@@ -153,6 +171,9 @@ def select_tokens(
     budgets = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets] * B
     if len(budgets) != B:
         raise ShapeError(f"select_tokens: {len(budgets)} budgets for {B} sequences")
+    if config.refine > 1 and (keys is None or len(keys) != B):
+        got = "none" if keys is None else f"{len(keys)}"
+        raise ConfigError(f"select_tokens: refine={config.refine} re-ranks with exact keys; pass keys for each of the {B} sequences (got {got})")
     if B == 0:
         return []
     first = indices[0]
@@ -195,11 +216,47 @@ def select_tokens(
         tables = lookup_tables(q, centroids)
         lo = torch.tensor([s for _, s, _, _ in ranked], device=device).repeat_interleave(H)
         hi = torch.tensor([indices[i].ntotal - w for i, _, w, _ in ranked], device=device).repeat_interleave(H)
-        k = max(t for *_, t in ranked)
-        top = adc_topk(
-            codes, tables, k, lo=lo, hi=hi, aggregate=config.aggregate,
-            scale=scale if scale is not None else 1.0 / math.sqrt(first.head_dim),
-        ).view(len(rows), H, k)
+        scale = scale if scale is not None else 1.0 / math.sqrt(first.head_dim)
+        short = [min(math.ceil(config.refine * t), indices[i].ntotal - w - s) for i, s, w, t in ranked]
+        k = max(short)
+        top = adc_topk(codes, tables, k, lo=lo, hi=hi, aggregate=config.aggregate, scale=scale).view(len(rows), H, k)
         for r, (i, sinks, window, t) in enumerate(ranked):
-            results[i] = _assemble(H, indices[i].ntotal, sinks, window, top[r, :, :t], device, block_size)
+            picked = top[r, :, :t]
+            if config.refine > 1:
+                assert keys is not None
+                picked = _rerank(
+                    indices[i], queries[i], keys[i], top[r, :, : short[r]], sinks, indices[i].ntotal - window, t,
+                    aggregate=config.aggregate, scale=scale,
+                )
+            results[i] = _assemble(H, indices[i].ntotal, sinks, window, picked, device, block_size)
     return results  # type: ignore[return-value]
+
+
+def _rerank(
+    index: PQIndex, queries: torch.Tensor, keys: KeySource, shortlist: torch.Tensor, lo: int, hi: int, k: int,
+    *, aggregate: str, scale: float,
+) -> torch.Tensor:
+    """The ``k`` best of ``shortlist: [H, C]`` plus the index's outliers in ``[lo, hi)``, by exact score.
+
+    Returns ``[H, k]`` int64 positions. ``queries: [Hq, D]``; ``keys`` as in ``select_tokens``.
+    """
+    H, D = shortlist.shape[0], queries.shape[1]
+    cand = torch.cat([shortlist, index.outliers.to(shortlist.device)], 1).sort(1).values  # [H, C']
+    invalid = (cand < lo) | (cand >= hi)
+    invalid[:, 1:] |= cand[:, 1:] == cand[:, :-1]  # a shortlisted outlier appears twice
+    cand = cand.masked_fill(invalid, lo)  # any valid position: its score is masked below
+    if isinstance(keys, torch.Tensor):
+        if keys.dim() != 3 or keys.shape[0] != H or keys.shape[2] != D or keys.shape[1] < hi:
+            raise ShapeError(f"select_tokens: keys must be [{H}, >= {hi}, {D}], got {tuple(keys.shape)}")
+        k_exact = keys.gather(1, cand.to(keys.device)[..., None].expand(-1, -1, D))
+    else:
+        k_exact = keys(cand)
+        if tuple(k_exact.shape) != (H, cand.shape[1], D):
+            raise ShapeError(f"select_tokens: the key gather returned {tuple(k_exact.shape)}, expected {(H, cand.shape[1], D)}")
+    k_exact = k_exact.to(device=queries.device, dtype=torch.float32)
+    logits = torch.matmul(queries.float().view(H, -1, D), k_exact.transpose(1, 2)) * scale  # [H, G, C']
+    logits = logits.masked_fill(invalid[:, None], float("-inf"))
+    probs = torch.softmax(logits, -1)
+    score = probs.sum(1) if aggregate == "sum" else probs.amax(1)
+    score = score.masked_fill(invalid, -1.0)
+    return cand.gather(1, score.topk(k, -1).indices)

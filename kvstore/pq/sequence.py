@@ -74,6 +74,8 @@ class PQConfig:
 
     Attributes:
         num_subspaces, bits: code layout (M bytes per token per head, 2**bits centroids).
+        outlier_fraction: share of keys recorded as outliers (see PQIndex); selection with
+            ``selection.refine > 1`` always re-scores them exactly.
         kmeans: codebook training.
         selection: sinks, window and GQA aggregation.
         drift: re-training policy.
@@ -82,6 +84,7 @@ class PQConfig:
 
     num_subspaces: int = 4
     bits: int = 8
+    outlier_fraction: float = 0.01
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
@@ -92,10 +95,17 @@ class PQConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
                 raise ConfigError(f"PQConfig.{name} must be an int in [{lo}, {hi or 'inf'}], got {value!r}")
+        f = self.outlier_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+            raise ConfigError(f"PQConfig.outlier_fraction must be a number in [0, 1), got {f!r}")
         if self.min_train_tokens is not None and (
             not isinstance(self.min_train_tokens, int) or self.min_train_tokens < (1 << self.bits)
         ):
             raise ConfigError(f"PQConfig.min_train_tokens must be None or an int >= 2**bits={1 << self.bits}, got {self.min_train_tokens!r}")
+
+    def make_index(self, head_dim: int) -> PQIndex:
+        """An untrained PQIndex with this configuration."""
+        return PQIndex(head_dim, self.num_subspaces, self.bits, kmeans=self.kmeans, outlier_fraction=self.outlier_fraction)
 
     @property
     def train_after(self) -> int:
@@ -110,16 +120,23 @@ class PQSequenceIndex:
         config: PQ configuration.
         key_source: ``key_source(layer) -> [Hkv, n, D]``, all keys of the sequence for a layer
             (including those being added); called to train late and to re-train.
+        key_gather: ``key_gather(layer, positions: [Hkv, C]) -> [Hkv, C, D]``, the exact keys
+            that re-ranking reads (``selection.refine > 1``); default: gathered from
+            ``key_source(layer)``.
     """
 
-    def __init__(self, spec: KVSpec, config: PQConfig, key_source: Callable[[int], torch.Tensor]) -> None:
+    def __init__(
+        self, spec: KVSpec, config: PQConfig, key_source: Callable[[int], torch.Tensor],
+        key_gather: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         if spec.head_dim % config.num_subspaces:
             raise ConfigError(f"PQSequenceIndex: head_dim={spec.head_dim} is not a multiple of num_subspaces={config.num_subspaces}")
         self.spec = spec
         self.config = config
         self.key_source = key_source
+        self.key_gather = key_gather or self._gather_from_source
         L = spec.num_layers
-        self.indexes = [PQIndex(spec.head_dim, config.num_subspaces, config.bits, kmeans=config.kmeans) for _ in range(L)]
+        self.indexes = [config.make_index(spec.head_dim) for _ in range(L)]
         self.num_tokens = [0] * L
         self.trainings = [0] * L  # trainings per layer (the first one included)
         self._since_train = [0] * L
@@ -170,7 +187,7 @@ class PQSequenceIndex:
 
     def _train(self, layer: int, keys: torch.Tensor) -> None:
         """(Re-)train ``layer`` on all its keys ``[Hkv, n, D]`` and re-encode them."""
-        index = PQIndex(self.spec.head_dim, self.config.num_subspaces, self.config.bits, kmeans=self.config.kmeans)
+        index = self.config.make_index(self.spec.head_dim)
         index.train(keys)
         index.add(keys)
         self.indexes[layer] = index
@@ -178,6 +195,10 @@ class PQSequenceIndex:
         self.trainings[layer] += 1
         self._since_train[layer] = 0
         self._ema[layer] = None
+
+    def _gather_from_source(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        keys = self.key_source(layer)
+        return keys.gather(1, positions.to(keys.device)[..., None].expand(-1, -1, keys.shape[2]))
 
     def drift_ratio(self, layer: int) -> torch.Tensor | None:
         """``[Hkv]`` moving-average error of new keys / training error (None before any new key)."""
@@ -213,6 +234,7 @@ def select_batch(seqs: Sequence[PQSequenceIndex], layer: int, queries: Sequence[
         picked = select_tokens(
             [seqs[i].indexes[layer] for i in trained], [queries[i] for i in trained], [budgets[i] for i in trained],
             config=first.config.selection, block_size=first.spec.block_size,
+            keys=[lambda pos, s=seqs[i]: s.key_gather(layer, pos) for i in trained],
         )
         for i, sel in zip(trained, picked):
             out[i] = sel

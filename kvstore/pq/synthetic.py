@@ -9,7 +9,12 @@ content space unless said otherwise:
   ``num_topics`` topics, shared by all heads (it is the text). Head h has one vector per topic,
   built from a decaying spectrum with ``low_freq_energy`` of its energy on the lowest-frequency
   RoPE channel pairs (the channels real models use for long-range, position-free matching).
-* **Keys** ``k_t = RoPE(mu_h + topic_h[z_t] + noise_scale * eps_t, t)``: ``mu_h`` holds
+* **Keys** ``k_t = RoPE(mu_h + a_ht * topic_h[z_t] + noise_scale * eps_t, t)``: ``a_ht`` is the
+  token's salience, lognormal with mean 1 and log-std ``salience`` (content words carry their
+  topic strongly, function words weakly), so attention concentrates on a few tokens of each
+  relevant topic as in real models, where a handful to a hundred keys hold most of a head's
+  mass; with ``salience=0`` every token of a topic scores alike and attention is far more
+  diffuse (exact top-1/16 then holds ~0.89 of the mass at 32K, against ~0.98 by default). ``mu_h`` holds
   ``num_outlier_channels`` high-magnitude channels (``outlier_scale`` x the typical channel),
   which RoPE spreads on circles for the faster-rotating pairs, as in real K.
 * **Attention sinks.** The first ``num_sinks`` tokens carry a large sink vector instead; every
@@ -59,15 +64,16 @@ class SyntheticConfig:
     zipf: float = 0.8
     low_freq_energy: float = 0.7
     noise_scale: float = 0.2
+    salience: float = 0.25
     num_outlier_channels: int = 4
     outlier_scale: float = 6.0
     num_sinks: int = 4
-    sink_logit: float = 9.0
+    sink_logit: float = 14.0
     topic_logit: float = 10.0
     recall_topics: int = 3
     head_noise: float = 0.15
     num_needles: int = 8
-    needle_logit: float = 14.0
+    needle_logit: float = 18.0
     drift_at: int | None = None
     seed: int = 0
 
@@ -187,7 +193,8 @@ class SyntheticWorkload:
             return mu, topics
 
         mu, topics = regime()
-        content = mu[:, None, :] + topics[:, topic] + c.noise_scale * randn(H, T, D)
+        salience = torch.exp(c.salience * randn(H, T, 1) - c.salience**2 / 2)  # lognormal, mean 1
+        content = mu[:, None, :] + salience * topics[:, topic] + c.noise_scale * randn(H, T, D)
         drift = c.drift_at if c.drift_at is not None else T
         if c.drift_at is not None:
             mu2, topics2 = regime()

@@ -47,11 +47,12 @@ def test_centroid_vectors_round_trip_exactly(trained):
 def test_incremental_add_equals_bulk_add(trained, clustered):
     index, keys = trained
     other = PQIndex(32, 4, 6)
-    other.load_state_dict({**index.state_dict(), "codes": index.codes[:, :0].clone()})
+    other.load_state_dict({**index.state_dict(), "codes": index.codes[:, :0].clone(), "outliers": index.outliers[:, :0].clone()})
     for start in range(0, keys.shape[1], 257):  # crosses the buffer growth
         other.add(keys[:, start : start + 257])
     assert other.ntotal == index.ntotal
     assert torch.equal(other.codes, index.codes)
+    assert torch.equal(other.outliers, index.outliers)
 
 
 def test_scores_equal_inner_products_with_reconstructions(trained):
@@ -152,3 +153,38 @@ def test_bad_inputs_leave_state_unchanged(trained):
         with pytest.raises(error):
             call()
         assert _same(_snapshot(index), before)
+
+
+def test_outliers_are_the_keys_no_centroid_fits(clustered):
+    keys = clustered(2, 3000, 32, seed=5)
+    index = PQIndex(32, 4, 6, outlier_fraction=0.01)
+    index.train(keys)
+    index.add(keys)
+    planted = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(9)) * 3 * keys.std()  # random directions
+    err = index.add(planted)
+    found = index.outliers
+    assert found.dtype == torch.int64 and found.shape[0] == 2
+    for h in range(2):
+        row = found[h][found[h] >= 0]
+        assert bool((row[1:] > row[:-1]).all())  # ascending, distinct
+        assert set(range(3000, 3003)) <= set(row.tolist())  # the planted keys
+        assert row.numel() < 0.05 * index.ntotal  # about outlier_fraction of the rest
+    assert bool((err > index.outlier_threshold[:, None]).all())
+    index.reset()
+    assert index.outliers.shape[1] == 0 and index.ntotal == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, True, "0.01"])
+def test_bad_outlier_fraction(bad):
+    with pytest.raises(ConfigError, match="outlier_fraction"):
+        PQIndex(32, 4, 6, outlier_fraction=bad)
+
+
+def test_state_dict_rejects_outliers_beyond_the_codes(trained):
+    index, _ = trained
+    state = index.state_dict()
+    other = PQIndex(32, 4, 6)
+    bad = torch.full((state["codes"].shape[0], 1), state["codes"].shape[1], dtype=torch.int64)
+    with pytest.raises(ShapeError, match="outliers"):
+        other.load_state_dict({**state, "outliers": bad})
+    assert not other.is_trained  # unchanged

@@ -98,3 +98,50 @@ def test_errors(indexes, small_layer):
         SelectionConfig(aggregate="mean")
     with pytest.raises(ShapeError):
         select_tokens(indexes[:2], [q], 10)
+
+
+def _exact_selection(data, n, q, budget, sc):
+    """Sinks + window + the top-k by exact scores, aggregated as select_tokens does."""
+    H, D = data.keys.shape[0], data.keys.shape[2]
+    logits = torch.matmul(q.view(H, -1, D), data.keys[:, :n].transpose(1, 2)) / math.sqrt(D)
+    probs = torch.softmax(logits[..., sc.num_sinks : n - sc.recent_window], -1).sum(1)
+    top = probs.topk(budget - sc.num_sinks - sc.recent_window, -1).indices + sc.num_sinks
+    fixed = torch.cat([torch.arange(sc.num_sinks), torch.arange(n - sc.recent_window, n)]).expand(H, -1)
+    return torch.cat([fixed, top], 1).sort(1).values
+
+
+def test_refine_with_a_shortlist_of_everything_is_exact_selection(indexes, small_layer):
+    cfg, data = small_layer
+    sc = SelectionConfig(num_sinks=8, recent_window=32, refine=100.0)  # shortlist = every candidate
+    for step in range(3):
+        q = data.queries[step]
+        got = select_tokens(indexes[:1], [q], 128, config=sc, keys=[data.keys[:, :2048]])[0].positions
+        assert torch.equal(got, _exact_selection(data, 2048, q, 128, sc))
+
+
+def test_refine_finds_the_needles_and_beats_codes_only(indexes, small_layer):
+    cfg, data = small_layer
+    keys = data.keys[:, :2048]
+    plain, refined = SelectionConfig(num_sinks=8, recent_window=32), SelectionConfig(num_sinks=8, recent_window=32, refine=2.0)
+    gather = lambda pos: keys.gather(1, pos[..., None].expand(-1, -1, cfg.head_dim))  # noqa: E731  (the callable form)
+    mass = {"plain": 0.0, "refined": 0.0}
+    for step, pos in zip(data.needle_steps.tolist(), data.needle_positions.tolist()):
+        q = data.queries[step]
+        a = select_tokens(indexes[:1], [q], 128, config=plain)[0].positions
+        b = select_tokens(indexes[:1], [q], 128, config=refined, keys=[gather])[0].positions
+        assert bool((b == pos).any(1).all())  # every KV head keeps the needle
+        mass["plain"] += metrics.attention_mass(a, q, keys, cfg.softmax_scale)
+        mass["refined"] += metrics.attention_mass(b, q, keys, cfg.softmax_scale)
+    assert mass["refined"] > mass["plain"]
+
+
+def test_refine_needs_keys_of_the_right_shape(indexes, small_layer):
+    cfg, data = small_layer
+    sc = SelectionConfig(refine=2.0)
+    with pytest.raises(ConfigError, match="refine"):
+        select_tokens(indexes[:1], [data.queries[0]], 128, config=sc)
+    with pytest.raises(ShapeError, match="keys"):
+        select_tokens(indexes[:1], [data.queries[0]], 300, config=sc, keys=[data.keys[:, :100]])
+    for bad in (0.5, float("inf"), True, "2"):
+        with pytest.raises(ConfigError, match="refine"):
+            SelectionConfig(refine=bad)
