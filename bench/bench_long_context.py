@@ -10,6 +10,11 @@ every layer and attends, per layer, in one of four modes:
                recent window + top-k within the budget; the selected blocks are fetched from
                the host tier into a device tier that holds half the context; attention reads
                each KV head's tokens in place
+  pq-refine    pq, then exact re-ranking: a shortlist of ``--refine`` x the top-k plus the
+               index's outliers is re-scored with the exact keys, read where their blocks lie
+               (their cost is in the select column)
+  exact        the oracle: sinks + window + the top-k by exact scores over every key (the
+               ceiling of any selector at this budget; its select time reads all keys)
   pqcache-ref  PQCache's published selector at the same budget, same fetch and attention
   lossless     a device tier of 25% of the context and a host tier of 50%; the rest is dropped
                and recomputed on use; attention over every token through multi-segment
@@ -45,7 +50,8 @@ from kvstore.store import KVStore
 from .baselines.pqcache_ref import PQCacheRef
 from .common import add_common_args, machine_info, print_table, resolve_device, write_json
 
-MODES = ("full", "pq", "pqcache-ref", "lossless")
+MODES = ("full", "pq", "pq-refine", "exact", "pqcache-ref", "lossless")
+SELECTING = ("pq", "pq-refine", "exact", "pqcache-ref")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +66,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated modes out of {', '.join(MODES)}")
     parser.add_argument("--subspaces", type=int, default=4, help="PQ sub-vectors per head (kvstore)")
     parser.add_argument("--bits", type=int, default=8, help="PQ bits per code (kvstore)")
+    parser.add_argument("--refine", type=float, default=4.0, help="shortlist factor of pq-refine's exact re-ranking")
     parser.add_argument("--plot", default=None, metavar="OUT.png", help="plot TPOT and quality against context")
 
 
@@ -216,6 +223,9 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
     budget = args.budget if args.budget < 1 else int(args.budget)  # a fraction, or tokens
     budget_tokens = resolve_budget(budget, context)
     stats = {m: ModeStats() for m in modes}
+    select_cfg = {  # exact: a shortlist of every candidate, re-ranked with exact keys
+        "pq": SelectionConfig(), "pq-refine": SelectionConfig(refine=args.refine), "exact": SelectionConfig(refine=float(context)),
+    }
     full_out: dict[tuple[int, int, int], torch.Tensor] = {}
     results = []
     for b in range(args.batch):
@@ -235,10 +245,10 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
                 store = KVStore(spec, device_blocks=max(2, total_blocks // 2), host_blocks=total_blocks, device=device)
             chunk = min(args.chunk, store.device_pool.num_slots * bs // 2)  # a chunk must fit the device tier
             seq = _prefill(store, keys, values, context, chunk)
-            if mode in ("pq", "pqcache-ref"):  # training is prefill work, reported by `kvstore bench pq`
+            if mode in SELECTING:  # training is prefill work, reported by `kvstore bench pq`
                 indexes = []
                 for layer in range(spec.num_layers):
-                    if mode == "pq":
+                    if mode != "pqcache-ref":
                         index = PQIndex(spec.head_dim, args.subspaces, args.bits)
                         index.train(keys[layer, :, :context].float())
                         index.add(keys[layer, :, :context].float())
@@ -261,9 +271,17 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
                         out = _attend_all(store, seq, layer, q, pos + 1, clock)
                     else:
                         with clock("select"):
-                            if mode == "pq":
+                            if mode != "pqcache-ref":
                                 indexes[layer].add(keys[layer, :, pos : pos + 1].float())
-                                sel = select_tokens([indexes[layer]], q.float(), budget, block_size=bs)[0]
+                                exact_keys = {
+                                    "pq": None,
+                                    "pq-refine": lambda p, layer=layer: store.gather_keys(seq, layer, p),
+                                    "exact": keys[layer, :, : pos + 1],
+                                }[mode]
+                                sel = select_tokens(
+                                    [indexes[layer]], q.float(), budget, block_size=bs, config=select_cfg[mode],
+                                    keys=None if exact_keys is None else [exact_keys],
+                                )[0]
                                 positions = sel.positions
                             else:
                                 positions = indexes[layer].select(q[0].float().cpu(), budget_tokens).to(device)
@@ -290,13 +308,15 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
             mem = store.memory()
             st.device_bytes = mem["device"].bytes_used
             st.host_bytes = mem["host"].bytes_used
-            if mode == "pq":
+            if mode in ("pq", "pq-refine"):
                 st.device_bytes += sum(int(ix.codes.numel()) for ix in indexes)  # uint8 codes
+            if mode == "pq-refine":
+                st.device_bytes += sum(8 * int((ix.outliers >= 0).sum()) for ix in indexes)  # outlier positions
             del store
     n_steps = args.steps * args.batch
     for mode in modes:
         st = stats[mode]
-        sel = mode in ("pq", "pqcache-ref")
+        sel = mode in SELECTING
         results.append({
             "mode": mode,
             "context": context,

@@ -206,7 +206,7 @@ class KVStore:
         if self.pq is not None:
             self._pq[seq_id] = PQSequenceIndex(
                 self.spec, self.pq, lambda layer, s=seq_id: self._layer_keys(s, layer),
-                key_gather=lambda layer, positions, s=seq_id: self._gather_keys(s, layer, positions),
+                key_gather=lambda layer, positions, s=seq_id: self.gather_keys(s, layer, positions),
             )
         return seq_id
 
@@ -357,7 +357,7 @@ class KVStore:
             self._seq(s)  # UnknownSequenceError for a bad id
         return select_batch([self._pq[s] for s in seqs], layer, queries, list(budgets))
 
-    def _gather_keys(self, seq: int, layer: int, positions: torch.Tensor) -> torch.Tensor:
+    def gather_keys(self, seq: int, layer: int, positions: torch.Tensor) -> torch.Tensor:
         """Keys of ``seq`` in ``layer`` at per-head ``positions: [Hkv, C]`` -> ``[Hkv, C, D]`` on the
         device, read where the blocks lie (what exact re-ranking reads; not an access)."""
         s = self._seq(seq)

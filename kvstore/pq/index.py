@@ -16,7 +16,7 @@ on the device of the keys passed to ``train``.
 **Outliers.** A few keys fit no centroid (a needle: a fact stated once, in a direction no
 other key shares); their ADC scores are badly off. ``train`` sets a per-head threshold, the
 ``1 - outlier_fraction`` quantile of the training keys' relative quantization error, and
-``add`` records the positions of the keys above it (int32 per outlier: at 1% that is 0.04 B
+``add`` records the positions of the keys above it (int64 per outlier: at 1% that is 0.08 B
 per token per head). The index cannot score them better itself; selection with exact
 re-ranking (kvstore.pq.select, ``SelectionConfig.refine``) always re-scores them exactly.
 
