@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from kvstore.evict.base import EvictionPolicy, as_block_list, register_policy
+from kvstore.evict.base import EvictionPolicy, as_block_list, protected_ids, register_policy
 
 
 @register_policy("arc")
@@ -70,7 +70,7 @@ class ARC(EvictionPolicy):
             b2.popitem(last=False)
 
     def victims(self, n: int, protected=None) -> np.ndarray:
-        skip = set(as_block_list(protected)) if protected is not None else set()
+        skip = protected_ids(protected)
         first = (b for b in self._t1 if b not in skip)
         second = (b for b in self._t2 if b not in skip)
         out: list[int] = []

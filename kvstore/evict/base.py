@@ -12,7 +12,10 @@ moves data: the store (or the replay simulator) calls
 Offline policies (``offline = True``, e.g. Belady) also get the whole trace through
 :meth:`OfflinePolicy.prepare` before a replay; the store refuses them.
 Block ids are non-negative ints; every method takes any 1-D integer sequence (list, tuple,
-numpy array) and ``victims`` returns a 1-D int64 numpy array.
+numpy array) and ``victims`` returns a 1-D int64 numpy array. ``protected`` may also be a 1-D
+bool numpy array indexed by block id (``protected[b]``: ``b`` is protected; ids past its end
+are not), so an owner that pins blocks keeps one mask current and passes it as is, without
+building an id list per call; :func:`protected_ids` and :func:`protected_at` read either form.
 
 What a policy may know about a block lives in :class:`BlockInfo`, a struct of arrays indexed
 by block id that the owner keeps current and the policy only reads.
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from itertools import islice
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Container, Iterable, TypeVar
 
 import numpy as np
 
@@ -43,6 +46,8 @@ __all__ = [
     "as_block_array",
     "as_block_list",
     "first_unprotected",
+    "protected_ids",
+    "protected_at",
     "OfflinePolicy",
 ]
 
@@ -60,17 +65,71 @@ def as_block_list(blocks: Iterable[int] | np.ndarray) -> list[int]:
     return as_block_array(blocks).tolist()
 
 
+def _is_mask(protected) -> bool:
+    return isinstance(protected, np.ndarray) and protected.dtype == np.bool_
+
+
+class _MaskIds:
+    """The ids set in a bool mask over block ids, as a container (``b in``), without copying it."""
+
+    __slots__ = ("_mask", "_size")
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self._mask = mask
+        self._size = mask.size
+
+    def __contains__(self, b: int) -> bool:
+        return b < self._size and bool(self._mask[b])
+
+
+def protected_ids(protected) -> Container[int]:
+    """``protected`` (None, block ids, or a bool mask over block ids) as a container of block ids:
+    ``b in protected_ids(p)`` is True when ``b`` is protected. O(1) for a mask (a view),
+    O(len) for ids (a set)."""
+    if protected is None:
+        return frozenset()
+    if _is_mask(protected):
+        return _MaskIds(protected)
+    return set(as_block_list(protected))
+
+
+def protected_at(blocks: np.ndarray, protected) -> np.ndarray:
+    """Which of ``blocks`` (``[n]`` int64) are protected: ``[n]`` bool."""
+    if protected is None:
+        return np.zeros(blocks.size, dtype=np.bool_)
+    if _is_mask(protected):
+        inside = blocks < protected.size
+        out = np.zeros(blocks.size, dtype=np.bool_)
+        out[inside] = protected[blocks[inside]]
+        return out
+    return np.isin(blocks, as_block_array(protected))
+
+
 def first_unprotected(order: Iterable[int], n: int, protected=None) -> np.ndarray:
     """The first ``n`` ids of ``order`` not in ``protected``: ``[<= n]`` int64 (the victims of
-    a policy that keeps its blocks in eviction order, e.g. LRU's or FIFO's queue)."""
+    a policy that keeps its blocks in eviction order, e.g. LRU's or FIFO's queue).
+
+    Reads ``order`` only up to the n-th unprotected id (protected blocks, just read, tend to be
+    at the back of a recency order): one by one against a set built from protected ids, or in
+    chunks of doubling size against a protection mask.
+    """
     if n <= 0:
         return np.zeros(0, dtype=np.int64)
     if protected is None:
         return np.fromiter(islice(order, n), dtype=np.int64)
-    skip = set(protected.tolist() if isinstance(protected, np.ndarray) else as_block_list(protected))
-    # Reads ``order`` only up to the n-th unprotected id (protected blocks, just read, tend to
-    # be at the back of a recency order).
-    return np.fromiter(islice((b for b in order if b not in skip), n), dtype=np.int64)
+    if not _is_mask(protected):
+        skip = protected_ids(protected)
+        return np.fromiter(islice((b for b in order if b not in skip), n), dtype=np.int64)
+    it, found, want, chunk = iter(order), [], n, n
+    while want > 0:
+        ids = np.fromiter(islice(it, chunk), dtype=np.int64)
+        free = ids[~protected_at(ids, protected)][:want]
+        found.append(free)
+        want -= free.size
+        if ids.size < chunk:
+            break
+        chunk *= 2
+    return np.concatenate(found)
 
 
 class BlockInfo:
@@ -173,7 +232,8 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def victims(self, n: int, protected=None) -> np.ndarray:
-        """Up to ``n`` resident blocks to evict, best victim first, none of them in ``protected``.
+        """Up to ``n`` resident blocks to evict, best victim first, none of them protected
+        (``protected``: None, block ids, or a bool mask over block ids; see the module docstring).
 
         Returns fewer than ``n`` only when fewer unprotected blocks are resident. Does not
         change which blocks the policy tracks: the caller calls :meth:`on_remove` for what it

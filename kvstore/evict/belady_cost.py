@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvstore.errors import ConfigError
-from kvstore.evict.base import OfflinePolicy, as_block_array, register_policy
+from kvstore.evict.base import OfflinePolicy, as_block_array, protected_at, register_policy
 
 
 @register_policy("belady-cost")
@@ -79,7 +79,7 @@ class BeladyCost(OfflinePolicy):
             raise ConfigError("belady-cost is offline: call prepare(trace) before replaying")
         ids = self._ids[: self._n]
         if protected is not None:
-            ids = ids[~np.isin(ids, as_block_array(protected))]
+            ids = ids[~protected_at(ids, protected)]
         if n <= 0 or ids.size == 0:
             return np.zeros(0, dtype=np.int64)
         info = self.info

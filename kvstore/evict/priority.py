@@ -32,7 +32,7 @@ from functools import partial
 
 import numpy as np
 
-from kvstore.evict.base import EvictionPolicy, as_block_array, as_block_list
+from kvstore.evict.base import EvictionPolicy, as_block_array, as_block_list, protected_ids
 
 Entry = tuple[float, int, int]
 
@@ -108,7 +108,7 @@ class PriorityPolicy(EvictionPolicy):
             return np.zeros(0, dtype=np.int64)
         out: list[int] = []
         lent = self._lent
-        skip = set(as_block_list(protected)) if protected is not None else ()
+        skip = protected_ids(protected)
         pop = heapq.heappop
         while heap:
             e = pop(heap)

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import numpy as np
 
 from kvstore.errors import ConfigError
-from kvstore.evict.base import EvictionPolicy, as_block_list, register_policy
+from kvstore.evict.base import EvictionPolicy, as_block_list, protected_ids, register_policy
 
 
 @register_policy("s3fifo")
@@ -72,7 +72,7 @@ class S3FIFO(EvictionPolicy):
             g.popitem(last=False)
 
     def victims(self, n: int, protected=None) -> np.ndarray:
-        skip = set(as_block_list(protected)) if protected is not None else set()
+        skip = protected_ids(protected)
         out = [b for b in self._pending if b not in skip][:n]
         s, m, freq, pending = self._s, self._m, self._freq, self._pending
         small_share = self._small_fraction * self._c

@@ -187,7 +187,9 @@ def _cost_model(vllm_config: "VllmConfig", spec: KVSpec) -> CostModel:
 class HostTierIndex:
     """What the host tier holds: key -> slot, the eviction policy, and pins. Holds no KV.
 
-    Block ids seen by the policy are slot numbers (a block lives in one slot). The cold tier's
+    Block ids seen by the policy are slot numbers (a block lives in one slot). ``pinned``
+    (``[num_slots]`` bool) marks the slots that this step's loads read: never victims, and
+    handed to the policy as its protection mask as is. The cold tier's
     contents are mirrored as an LRU of keys capped at its capacity (LMCache evicts LRU too; a
     stale entry only costs a failed load, reported and recomputed).
 
@@ -209,10 +211,10 @@ class HostTierIndex:
         self.key_of: list[bytes | None] = [None] * num_slots
         self.cold: OrderedDict[bytes, None] = OrderedDict()
         self.cold_capacity = cold_capacity
-        self.pinned: set[int] = set()
+        self.pinned = np.zeros(num_slots, dtype=np.bool_)
         self._clock = 0
-        reload = cost.reload_seconds(spec.bytes_per_block) if cold_capacity else np.inf
-        self._reload_cost = float(reload)
+        self._block_bytes = spec.bytes_per_block
+        self._reload_cost = float(cost.reload_seconds(self._block_bytes)) if cold_capacity else np.inf
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -242,22 +244,27 @@ class HostTierIndex:
 
         Returns ``(slots, evicted)`` with ``evicted`` the ``(slot, key)`` pairs whose content
         must leave (spill to the cold tier) before the slot is overwritten. Inserts as many
-        keys as fit (a prefix of ``keys``) when too few slots can be freed.
+        keys as fit (a prefix of ``keys``) when too few slots can be freed. The victims' slots
+        go straight to the first keys, in victim order, without a trip through the free list
+        (the slots and order a release then allocate would give); the free slots follow.
         """
         need = len(keys) - self.pool.num_free
         evicted: list[tuple[int, bytes]] = []
+        reused = np.zeros(0, dtype=np.int64)
         if need > 0:
-            victims = self.policy.victims(need, np.fromiter(self.pinned, np.int64, len(self.pinned)) if self.pinned else None)
-            if victims.size:
-                evicted = [(int(s), self.key_of[s]) for s in victims.tolist()]
-                self._drop(victims)
+            reused = self.policy.victims(need, self.pinned)
+            if reused.size:
+                evicted = [(s, self.key_of[s]) for s in reused.tolist()]
+                self._forget(reused)
                 if self.cold_capacity:
                     for _, k in evicted:
                         self._cold_add(k)
-            keys, positions = keys[: self.pool.num_free], positions[: self.pool.num_free]
+            fit = reused.size + self.pool.num_free
+            keys, positions = keys[:fit], positions[:fit]
         if not keys:
             return [], evicted
-        slots = self.pool.allocate(np.zeros(len(keys), dtype=np.int64))
+        fresh = len(keys) - reused.size
+        slots = np.concatenate([reused, self.pool.allocate(np.zeros(fresh, dtype=np.int64))]) if fresh else reused
         for s, k in zip(slots.tolist(), keys):
             self.slot_of[k] = s
             self.key_of[s] = k
@@ -266,7 +273,7 @@ class HostTierIndex:
         self._clock += 1
         info.position[slots] = pos
         info.num_tokens[slots] = self.spec.block_size
-        info.size_bytes[slots] = self.spec.bytes_per_block
+        info.size_bytes[slots] = self._block_bytes
         info.tier[slots] = BlockInfo.TIER_HOST
         info.last_access[slots] = self._clock
         info.access_count[slots] = 1
@@ -280,15 +287,16 @@ class HostTierIndex:
         """Forget ``slots`` (their content is lost)."""
         live = np.asarray([s for s in slots if self.key_of[s] is not None], dtype=np.int64)
         if live.size:
-            self._drop(live)
+            self._forget(live)
+            self.info.reset(live)
+            self.pool.release(live)
 
-    def _drop(self, slots: np.ndarray) -> None:
+    def _forget(self, slots: np.ndarray) -> None:
+        """Unmap the keys of ``slots`` and tell the policy they left (the slots stay allocated)."""
         self.policy.on_remove(slots)
         for s in slots.tolist():
             del self.slot_of[self.key_of[s]]
             self.key_of[s] = None
-        self.info.reset(slots)
-        self.pool.release(slots)
 
     def _cold_add(self, key: bytes) -> None:
         self.cold[key] = None
@@ -414,17 +422,17 @@ class _SchedulerSide:
         done = 0  # slots[:done] are pinned
         while None in slots[done:]:  # a cold hit: promote it into a fresh slot, fetched before the load
             i = slots.index(None, done)
-            index.pinned.update(slots[done:i])
+            index.pinned[slots[done:i]] = True
             got, evicted = index.insert([keys[i]], [(h0 + i) * bs])
             meta.spills.extend(evicted)
             if not got:
-                raise CapacityError(f"host tier: no unpinned slot for a cold hit ({len(index.pinned)} pinned)")
+                raise CapacityError(f"host tier: no unpinned slot for a cold hit ({np.count_nonzero(index.pinned)} pinned)")
             slots[i] = got[0]
             meta.fetches.append((got[0], keys[i]))
             slots[i + 1 :] = map(index.slot_of.get, keys[i + 1 :])  # the insert may have evicted later hits
             done = i
-        index.pinned.update(slots[done:])
         slot_arr = np.asarray(slots, dtype=np.int64)
+        index.pinned[slot_arr[done:]] = True
         index.touch(slot_arr)
         meta.loads[request.request_id] = BlockCopy.build(slot_arr, keys, st.gpu_blocks[first:end], first % self.per_host, self.per_host)
         st.num_saved = max(st.num_saved, end // self.per_host)
@@ -445,11 +453,14 @@ class _SchedulerSide:
         st.num_saved = n_full if len(slots) == len(new) else new[len(slots)]  # retry what did not fit
         if not slots:
             return None
-        k = self.per_host
-        copies = [
-            BlockCopy.build([s], [keys[i]], st.gpu_blocks[i * k : (i + 1) * k], 0, k) for s, i in zip(slots, new)
-        ]
-        return BlockCopy.concat(copies)
+        k, gpu = self.per_host, st.gpu_blocks
+        saved = list(zip(slots, new))  # (slot, host block index) of each inserted block
+        return BlockCopy(
+            np.asarray([s for s, _ in saved for _ in range(k)], dtype=np.int64),
+            np.asarray([j for _ in saved for j in range(k)], dtype=np.int64),
+            np.asarray([gpu[i * k + j] for _, i in saved for j in range(k)], dtype=np.int64),
+            [keys[i] for _, i in saved for _ in range(k)],
+        )
 
     def build_connector_meta(self, so: "SchedulerOutput") -> KVStoreConnectorMetadata:
         saves: list[BlockCopy] = []
@@ -477,7 +488,7 @@ class _SchedulerSide:
                 saves.append(c)
         meta, self._meta = self._meta, KVStoreConnectorMetadata()
         meta.saves = BlockCopy.concat(saves)
-        self.index.pinned.clear()
+        self.index.pinned[:] = False
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

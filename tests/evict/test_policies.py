@@ -113,3 +113,36 @@ def test_offline_policies_need_prepare():
         policy.prepare(Trace.from_requests([[0, 1]]))
         policy.on_insert([0, 1])
         assert len(policy) == 2
+
+
+@pytest.mark.parametrize("name", ONLINE)
+@settings(max_examples=25, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["insert", "access", "evict"]), st.integers(0, 2**31)), min_size=1, max_size=60))
+def test_protection_mask_names_what_protected_ids_name(name, ops):
+    """``victims(n, mask)`` (a bool mask over block ids, possibly shorter than the largest id)
+    names exactly what ``victims(n, ids)`` names, call after call, on two policies driven alike."""
+    info = _info()
+    by_mask, by_ids = make_policy(name, info), make_policy(name, info)
+    resident: set[int] = set()
+    for op, seed in ops:
+        rng = np.random.default_rng(seed)
+        if op == "insert":
+            fresh = [b for b in rng.permutation(NUM_BLOCKS).tolist() if b not in resident][: int(rng.integers(1, 5))]
+            info.access_count[fresh] = 1
+            by_mask.on_insert(np.asarray(fresh))
+            by_ids.on_insert(np.asarray(fresh))
+            resident.update(fresh)
+        elif op == "access" and resident:
+            some = rng.choice(sorted(resident), size=min(len(resident), 3), replace=False).tolist()
+            info.access_count[some] += 1
+            by_mask.on_access(some)
+            by_ids.on_access(some)
+        elif op == "evict" and resident:
+            n = int(rng.integers(1, 6))
+            mask = rng.random(int(rng.integers(0, NUM_BLOCKS + 1))) < 0.3
+            got = by_mask.victims(n, mask)
+            assert got.tolist() == by_ids.victims(n, np.flatnonzero(mask)).tolist()
+            by_mask.on_remove(got)
+            by_ids.on_remove(got)
+            resident.difference_update(got.tolist())
+            info.access_count[got] = 0

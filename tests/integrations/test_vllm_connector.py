@@ -14,6 +14,7 @@ pytest.importorskip("vllm")
 from conftest import BLOCK, LAYERS, make_kv_caches, make_request, make_scheduler, make_worker  # noqa: E402
 
 from kvstore.errors import ConfigError  # noqa: E402
+from kvstore.evict import POLICIES, make_policy  # noqa: E402
 from kvstore.integrations.vllm import BlockCopy, KVStoreConnector, KVStoreConnectorMetadata  # noqa: E402
 
 NUM_BLOCKS = 128
@@ -250,3 +251,79 @@ def test_cuda_round_trip(base_vllm_config):
     assert w.worker.load_blocks(BlockCopy.build([0, 1], [b"a", b"b"], [5, 6], 0, 1)) == set()
     for n in LAYERS:
         assert torch.equal(caches[n][[5, 6]], ref[n])
+
+
+class _PlainTwin:
+    """Stands in for the host index's policy: forwards every call to ``policy`` and to ``plain``,
+    a second instance of the same policy whose ``victims`` gets the protected blocks as an id
+    array (the plain protocol), and checks that both name the same victims."""
+
+    def __init__(self, policy, plain):
+        self.policy, self.plain = policy, plain
+        self.protected_calls = 0
+
+    def on_insert(self, blocks):
+        self.policy.on_insert(blocks)
+        self.plain.on_insert(blocks)
+
+    def on_access(self, blocks):
+        self.policy.on_access(blocks)
+        self.plain.on_access(blocks)
+
+    def on_remove(self, blocks):
+        self.policy.on_remove(blocks)
+        self.plain.on_remove(blocks)
+
+    def victims(self, n, protected=None):
+        got = self.policy.victims(n, protected)
+        ids = np.flatnonzero(protected) if protected is not None else None
+        assert got.tolist() == self.plain.victims(n, ids).tolist()
+        assert ids is None or not np.isin(got, ids).any()
+        self.protected_calls += ids is not None and ids.size > 0
+        return got
+
+
+@pytest.mark.parametrize("policy", sorted(n for n, c in POLICIES.items() if not c.offline))
+def test_full_tier_admission_evicts_what_the_plain_policy_names(policy):
+    """Admissions into a full host tier (hits pinned for the step, new blocks saved, each save
+    evicting): the pin mask handed to the policy names exactly the victims that the same
+    policy names when given the pinned slots as ids."""
+    from types import SimpleNamespace
+
+    from kvstore.evict.cost import CostModel
+    from kvstore.integrations.vllm import KVStoreConnectorConfig, _SchedulerSide
+    from kvstore.spec import KVSpec
+
+    spec, hits, prefixes = KVSpec.preset("tiny"), 8, 6
+    bs = spec.block_size
+    side = _SchedulerSide(KVStoreConnectorConfig(host_blocks=hits * prefixes, policy=policy), spec, bs, CostModel.preset("tiny"))
+    index = side.index
+    twin = index.policy = _PlainTwin(index.policy, make_policy(policy, index.info))
+
+    def key(i):
+        return i.to_bytes(8, "little", signed=True) * 4
+
+    for p in range(prefixes):
+        index.insert([key(100 * p + j) for j in range(hits)], [j * bs for j in range(hits)])
+    assert index.pool.num_free == 0
+    rng = np.random.default_rng(3)
+    evicted = 0
+    for step in range(40):
+        new_reqs, scheduled = [], {}
+        for r in range(4):
+            rid, p = f"s{step}r{r}", int(rng.integers(prefixes))
+            hashes = [key(100 * p + j) for j in range(hits)] + [key(-1 - 8 * (4 * step + r) - j) for j in range(2)]
+            n = (hits + 2) * bs + 1
+            req = SimpleNamespace(request_id=rid, block_hashes=hashes, num_tokens=n, num_prompt_tokens=n, num_computed_tokens=0)
+            ext, _ = side.get_num_new_matched_tokens(req, 0)
+            side.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([*range(hits + 3)],)), ext)
+            new_reqs.append(SimpleNamespace(req_id=rid, block_ids=([*range(hits + 3)],), num_computed_tokens=ext))
+            scheduled[rid] = n - ext
+        meta = side.build_connector_meta(SimpleNamespace(
+            scheduled_new_reqs=new_reqs, num_scheduled_tokens=scheduled,
+            scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[]),
+        ))
+        side.reqs.clear()
+        evicted += len(meta.spills)
+        assert not index.pinned.any()
+    assert evicted >= 40 * 4 * 2 and twin.protected_calls > 0
