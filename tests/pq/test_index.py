@@ -62,7 +62,7 @@ def test_scores_equal_inner_products_with_reconstructions(trained):
     torch.testing.assert_close(index.scores(q), expected, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("n,bits", [(40, 4), (5000, 4), (300, 8)])  # pair tables on/off
+@pytest.mark.parametrize("n,bits", [(40, 4), (5000, 4), (300, 8)])
 def test_adc_paths_match_gather_reference(n, bits):
     g = torch.Generator().manual_seed(n)
     K = 2**bits
