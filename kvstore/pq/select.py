@@ -36,7 +36,7 @@ from kvstore.pq.adc import AGGREGATES, lookup_tables
 from kvstore.pq.search_cuda import adc_topk  # fused CUDA kernel when enabled, the torch reference otherwise
 from kvstore.pq.index import PQIndex
 
-__all__ = ["Budget", "KeySource", "SelectionConfig", "Selection", "resolve_budget", "select_tokens", "window_selection"]
+__all__ = ["Budget", "KeySource", "SelectionConfig", "Selection", "gather_keys", "resolve_budget", "select_tokens", "window_selection"]
 
 #: A token budget: an int number of tokens (>= 1) or a float fraction of the sequence in (0, 1].
 Budget = Union[int, float]
@@ -232,6 +232,11 @@ def select_tokens(
     return results  # type: ignore[return-value]
 
 
+def gather_keys(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``keys: [H, N, D]`` at per-head ``positions: [H, C]`` -> ``[H, C, D]``."""
+    return keys.gather(1, positions.to(keys.device)[..., None].expand(-1, -1, keys.shape[2]))
+
+
 def _rerank(
     index: PQIndex, queries: torch.Tensor, keys: KeySource, shortlist: torch.Tensor, lo: int, hi: int, k: int,
     *, aggregate: str, scale: float,
@@ -248,7 +253,7 @@ def _rerank(
     if isinstance(keys, torch.Tensor):
         if keys.dim() != 3 or keys.shape[0] != H or keys.shape[2] != D or keys.shape[1] < hi:
             raise ShapeError(f"select_tokens: keys must be [{H}, >= {hi}, {D}], got {tuple(keys.shape)}")
-        k_exact = keys.gather(1, cand.to(keys.device)[..., None].expand(-1, -1, D))
+        k_exact = gather_keys(keys, cand)
     else:
         k_exact = keys(cand)
         if tuple(k_exact.shape) != (H, cand.shape[1], D):

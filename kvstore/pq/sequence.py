@@ -34,7 +34,7 @@ import torch
 from kvstore.errors import ConfigError, NonFiniteError, OutOfRangeError, ShapeError
 from kvstore.pq.index import PQIndex
 from kvstore.pq.kmeans import KMeansConfig
-from kvstore.pq.select import Budget, Selection, SelectionConfig, select_tokens, window_selection
+from kvstore.pq.select import Budget, Selection, SelectionConfig, gather_keys, select_tokens, window_selection
 from kvstore.spec import KVSpec
 
 __all__ = ["DriftConfig", "PQConfig", "PQSequenceIndex", "select_batch"]
@@ -134,7 +134,7 @@ class PQSequenceIndex:
         self.spec = spec
         self.config = config
         self.key_source = key_source
-        self.key_gather = key_gather or self._gather_from_source
+        self.key_gather = key_gather or (lambda layer, positions: gather_keys(self.key_source(layer), positions))
         L = spec.num_layers
         self.indexes = [config.make_index(spec.head_dim) for _ in range(L)]
         self.num_tokens = [0] * L
@@ -195,10 +195,6 @@ class PQSequenceIndex:
         self.trainings[layer] += 1
         self._since_train[layer] = 0
         self._ema[layer] = None
-
-    def _gather_from_source(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
-        keys = self.key_source(layer)
-        return keys.gather(1, positions.to(keys.device)[..., None].expand(-1, -1, keys.shape[2]))
 
     def drift_ratio(self, layer: int) -> torch.Tensor | None:
         """``[Hkv]`` moving-average error of new keys / training error (None before any new key)."""
