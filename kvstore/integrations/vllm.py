@@ -453,14 +453,9 @@ class _SchedulerSide:
         st.num_saved = n_full if len(slots) == len(new) else new[len(slots)]  # retry what did not fit
         if not slots:
             return None
-        k, gpu = self.per_host, st.gpu_blocks
-        saved = list(zip(slots, new))  # (slot, host block index) of each inserted block
-        return BlockCopy(
-            np.asarray([s for s, _ in saved for _ in range(k)], dtype=np.int64),
-            np.asarray([j for _ in saved for j in range(k)], dtype=np.int64),
-            np.asarray([gpu[i * k + j] for _, i in saved for j in range(k)], dtype=np.int64),
-            [keys[i] for _, i in saved for _ in range(k)],
-        )
+        k, gpu, saved = self.per_host, st.gpu_blocks, new[: len(slots)]
+        # The saved host blocks need not be adjacent, but each brings its k GPU blocks in order.
+        return BlockCopy.build(slots, [keys[i] for i in saved], [gpu[i * k + j] for i in saved for j in range(k)], 0, k)
 
     def build_connector_meta(self, so: "SchedulerOutput") -> KVStoreConnectorMetadata:
         saves: list[BlockCopy] = []
