@@ -361,17 +361,21 @@ class KVStore:
         """Keys of ``seq`` in ``layer`` at per-head ``positions: [Hkv, C]`` -> ``[Hkv, C, D]`` on the
         device, read where the blocks lie (what exact re-ranking reads; not an access)."""
         s = self._seq(seq)
-        pos = positions.cpu().numpy()
+        n = int(s.layer_lens[self._layer(layer)])
+        Hkv = self.spec.num_kv_heads
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[0] != Hkv:
+            shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise ShapeError(f"gather_keys: positions must be a tensor [{Hkv}, C], got {shape}")
+        pos = positions.cpu().numpy().astype(np.int64, copy=False)
+        bad = pos[(pos < 0) | (pos >= n)]
+        if bad.size:
+            raise OutOfRangeError(f"sequence {seq}: positions {bad[:8].tolist()} out of range [0, {n}) in layer {layer}")
         bs = self.spec.block_size
         ids = s.ids[pos // bs]
         offs = pos % bs
-        heads = np.broadcast_to(np.arange(pos.shape[0])[:, None], pos.shape)
+        heads = np.broadcast_to(np.arange(Hkv)[:, None], pos.shape)
         out = torch.empty((*pos.shape, self.spec.head_dim), dtype=self.spec.dtype, device=self.device)
-        dev = self.blocks.dev_slot[ids]
-        host = self.blocks.host_slot[ids]
-        on_dev = dev >= 0
-        on_host = ~on_dev & (host >= 0)
-        gone = ~on_dev & ~on_host
+        dev, host, on_dev, on_host, gone = self._where(ids)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         if on_dev.any():
             rows = self.device_pool.layer_view(layer, 0)[t(dev[on_dev]).to(self.device), t(offs[on_dev]).to(self.device), t(heads[on_dev]).to(self.device)]
@@ -449,6 +453,15 @@ class KVStore:
         b.recompute_cost[ids] = self.cost.recompute_flops(b.position[ids], filled)
 
     # ================================================================== reads
+    def _where(self, ids: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Where blocks ``ids`` (any shape) are read from: ``(dev_slot, host_slot, on_dev, on_host,
+        gone)``, the device copy first, else the host copy, else neither (dropped)."""
+        dev = self.blocks.dev_slot[ids]
+        host = self.blocks.host_slot[ids]
+        on_dev = dev >= 0
+        on_host = ~on_dev & (host >= 0)
+        return dev, host, on_dev, on_host, ~on_dev & ~on_host
+
     def read(self, seq: int, positions=None, *, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``seq`` at token ``positions`` (default: all), wherever the blocks live.
 
@@ -471,11 +484,7 @@ class KVStore:
         offs = torch.from_numpy(pos % bs)
         spec = self.spec
         out = torch.empty((spec.num_layers, 2, pos.size, spec.num_kv_heads, spec.head_dim), dtype=spec.dtype, device=self.device)
-        dev = self.blocks.dev_slot[ids]
-        host = self.blocks.host_slot[ids]
-        on_dev = dev >= 0
-        on_host = ~on_dev & (host >= 0)
-        gone = ~on_dev & ~on_host
+        dev, host, on_dev, on_host, gone = self._where(ids)
         if on_dev.any():
             sel = torch.from_numpy(np.flatnonzero(on_dev)).to(self.device)
             slots = torch.from_numpy(dev[on_dev]).to(self.device)

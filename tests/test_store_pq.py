@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvstore.evict import BlockInfo
-from kvstore.errors import ConfigError, OutOfRangeError, UnknownSequenceError
+from kvstore.errors import ConfigError, OutOfRangeError, ShapeError, UnknownSequenceError
 from kvstore.pq.select import SelectionConfig
 from kvstore.pq.sequence import PQConfig, PQSequenceIndex
 from kvstore.pq.synthetic import SyntheticConfig, SyntheticWorkload
@@ -95,3 +95,22 @@ def test_refine_reads_exact_keys_wherever_the_blocks_lie():
         got, want = store.select(seq, 1, q, 96), direct.select(1, q, 96)
         assert torch.equal(got.positions, want.positions)
     assert bool((store.residency(first) == BlockInfo.TIER_HOST).all())  # reading keys moved nothing
+
+
+def test_gather_keys_rejects_bad_positions_and_layers():
+    cfg, layers = workload(prompt=256)
+    store = KVStore(SPEC, device_blocks=32, pq=PQConfig())
+    seq = store.create()
+    keys = torch.stack([ld.keys for ld in layers])[:, :, : cfg.prompt_len]
+    store.append(seq, keys.transpose(1, 2), keys.transpose(1, 2))
+    good = torch.tensor([[0, 5, 255], [1, 2, 3]])
+    torch.testing.assert_close(store.gather_keys(seq, 1, good), keys[1].gather(1, good[..., None].expand(-1, -1, 32)))
+    for bad in (torch.tensor([[0, 256, 1], [1, 2, 3]]), torch.tensor([[-1, 0, 1], [1, 2, 3]])):
+        with pytest.raises(OutOfRangeError, match="256|-1"):
+            store.gather_keys(seq, 0, bad)
+    with pytest.raises(ShapeError, match="positions"):
+        store.gather_keys(seq, 0, torch.tensor([0, 1, 2]))
+    with pytest.raises(OutOfRangeError):
+        store.gather_keys(seq, 2, good)
+    with pytest.raises(UnknownSequenceError):
+        store.gather_keys(seq + 1, 0, good)
