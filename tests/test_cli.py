@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from kvstore import cli
 from kvstore._locate import bench_dir, import_bench
 
@@ -39,3 +41,15 @@ def test_help_lists_defaults():
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
     assert "(default: 32768)" in text and "--decode-steps DECODE_STEPS timed decode steps per context (default: 200)" in text
+
+
+def test_installed_console_script_runs_outside_the_checkout(tmp_path):
+    """`kvstore` as pip installed it (editable or not), from a directory that is not the checkout."""
+    import shutil
+
+    exe = shutil.which("kvstore")
+    if exe is None:
+        pytest.skip("the kvstore console script is not installed")
+    proc = subprocess.run([exe, "bench", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "long-context" in proc.stdout
