@@ -14,20 +14,11 @@ class LFU(PriorityPolicy):
     one); ties evict the least recently used. Counts are the policy's own, so it needs no
     BlockInfo, and they are forgotten when a block leaves the tier."""
 
-    def __init__(self, info=None) -> None:
-        super().__init__(info)
-        self._count: dict[int, int] = {}
+    _ARRAYS = {**PriorityPolicy._ARRAYS, "_count": (np.int64, 0)}
 
-    def priority(self, blocks: np.ndarray, hit: bool) -> list[float]:
-        count = self._count
-        out = []
-        for b in blocks.tolist():
-            c = count[b] = count.get(b, 0) + 1 if hit else 1
-            out.append(c)
-        return out
-
-    def on_remove(self, blocks) -> None:
-        super().on_remove(blocks)
-        pop = self._count.pop
-        for b in np.asarray(blocks, dtype=np.int64).reshape(-1).tolist():
-            pop(b, None)
+    def priority(self, blocks: np.ndarray, hit: bool) -> np.ndarray:
+        if hit:
+            np.add.at(self._count, blocks, 1)
+        else:
+            self._count[blocks] = 1
+        return self._count[blocks].astype(np.float64)

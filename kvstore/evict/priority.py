@@ -1,26 +1,34 @@
 """Priority policies: evict the resident block with the smallest priority (a lazy min-heap).
 
-LFU, GDSF, asym and the offline bounds differ only in how they score a block when it is
-inserted or accessed; this base keeps the order. Invariants:
+LFU, GDSF, asym and Belady differ only in how they score a block when it is inserted or
+accessed; this base keeps the order. A block's current entry is ``(priority, tick, block)``;
+``tick`` grows with every scoring, so the order is total: equal priorities evict the older
+scoring first. The current entries live in numpy arrays indexed by block id (``_prio``,
+``_stamp``, ``_live``), so scoring a batch is a few vectorised writes; the heap holds tuples.
 
-- ``_live[b]`` is the entry ``(priority, tick, b)`` of every resident block ``b``; ``tick``
-  grows with every scoring, so the order is ``(priority, tick)``: equal priorities evict the
-  older scoring first. Entries are unique (ticks are), so the order is total.
-- Every entry of ``_live`` is in ``_heap``, ``_pending`` or ``_lent``. An entry there whose
-  block maps to a different object in ``_live`` (re-scored or removed since) is stale and
-  dropped when it surfaces.
-- Scoring appends entries to ``_pending`` (in C: ``zip``, ``dict.update``, ``list.extend``; no
-  Python bytecode runs per block), so the heap work waits for ``victims``, which first moves
-  them into the heap: one push each when they are few, else ``_compact`` rebuilds the heap
-  from ``_live`` in one ``heapify``, dropping every stale entry (a shared prefix that every
-  request reads is re-scored many times between two evictions). ``_compact`` also runs when
-  stale and pending entries outnumber live ones.
-- Entries that ``victims`` popped are kept in ``_lent`` and pushed back at the next
-  ``victims`` unless the block was removed or re-scored meanwhile, so naming a victim costs
-  one pop and removing it costs nothing more.
+Invariants (``pushed[b]``: the tick of the newest entry pushed for ``b``):
 
-Where an entry waits changes when it is compared, never the order: entries are unique
-``(priority, tick, block)`` tuples and the victims are always the smallest live ones.
+- Every live block has an entry in ``_heap``, ``_pending`` or ``_lent`` that is no larger
+  than its current entry; when ``pushed[b] == stamp[b]`` that entry *is* the current one.
+- Scoring writes the arrays. An insertion, or an access that *lowers* a block's priority
+  (Belady's next use), appends the new entry to ``_pending``. An access that raises it (LFU,
+  GDSF and asym always do: counts and the aging clock only grow) pushes nothing: the block's
+  older, smaller entry stays in the heap as a lower bound, and when it surfaces in
+  ``victims`` the current entry is pushed in its place. A prefix that every request reads is
+  re-scored thousands of times between two evictions and costs no heap work at all.
+- ``victims`` moves the pending entries into the heap (one push each when they are few, else
+  ``_compact`` rebuilds the heap from the arrays in one ``heapify``) and pops. An entry whose
+  block left, or that is not its block's newest pushed entry, is dropped; a stale newest one
+  is replaced by the current entry; a current one names a victim (unless protected).
+- Many victims at once (``n >= 64`` and at least 1/64 of the live blocks: a batch of saves
+  into a full tier) are chosen by a partial sort of the arrays instead; that drops the heap
+  (``_heap is None``, scoring pushes nothing) until the next heap ``victims`` rebuilds it.
+- Entries that ``victims`` named are kept in ``_lent`` and pushed back (as the block's
+  current entry) at the next ``victims`` unless the block left meanwhile, so naming a victim
+  costs one pop and removing it costs nothing more.
+
+Why the order is exact: every heap entry is at most its block's current entry, so when the
+smallest entry is current, it is the smallest current entry of all.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from functools import partial
 
 import numpy as np
 
-from kvstore.evict.base import EvictionPolicy, as_block_array, as_block_list, protected_ids
+from kvstore.evict.base import EvictionPolicy, as_block_array, protected_at, protected_ids
 
 Entry = tuple[float, int, int]
 
@@ -40,10 +48,24 @@ Entry = tuple[float, int, int]
 class PriorityPolicy(EvictionPolicy):
     """Base of policies that evict the smallest priority first; subclasses define :meth:`priority`."""
 
+    #: per-block arrays (name -> dtype, fill), grown together as block ids appear
+    _ARRAYS: dict[str, tuple[type, object]] = {
+        "_prio": (np.float64, 0.0),
+        "_stamp": (np.int64, -1),
+        "_pushed": (np.int64, -1),
+        "_live": (np.bool_, False),
+    }
+
+    #: ``victims(n)`` sorts the arrays instead of popping the heap from this ``n`` up (when
+    #: ``n`` is also at least 1/64 of the live blocks)
+    sort_victims_at = 64
+
     def __init__(self, info=None) -> None:
         super().__init__(info)
-        self._live: dict[int, Entry] = {}
-        self._heap: list[Entry] = []
+        for name, (dtype, fill) in self._ARRAYS.items():
+            setattr(self, name, np.full(0, fill, dtype=dtype))
+        self._num_live = 0
+        self._heap: list[Entry] | None = []  # None: not kept (see _victims_by_sort)
         self._pending: list[Entry] = []
         self._lent: list[Entry] = []
         self._tick = 0
@@ -54,55 +76,96 @@ class PriorityPolicy(EvictionPolicy):
         (``hit=True``), in order: ``[n]`` floats, smallest evicted first."""
 
     def __len__(self) -> int:
-        return len(self._live)
+        return self._num_live
 
     def __contains__(self, block: int) -> bool:
-        return block in self._live
+        return 0 <= block < self._live.size and bool(self._live[block])
 
     def key(self, block: int) -> float:
         """Current priority of resident ``block``."""
-        return self._live[block][0]
+        if block not in self:
+            raise KeyError(block)
+        return float(self._prio[block])
+
+    def _reserve(self, top: int) -> None:
+        """Grow the per-block arrays to hold block id ``top`` (amortised doubling)."""
+        size = self._live.size
+        if top < size:
+            return
+        cap = max(top + 1, 2 * size, 1024)
+        for name, (dtype, fill) in self._ARRAYS.items():
+            old = getattr(self, name)
+            new = np.full(cap, fill, dtype=dtype)
+            new[:size] = old
+            setattr(self, name, new)
 
     def on_insert(self, blocks) -> None:
-        self._push(blocks, hit=False)
+        self._score(as_block_array(blocks), hit=False)
 
     def on_access(self, blocks) -> None:
-        self._push(blocks, hit=True)
+        self._score(as_block_array(blocks), hit=True)
 
     def on_remove(self, blocks) -> None:
-        pop = self._live.pop
-        for b in as_block_list(blocks):
-            pop(b, None)
-
-    def _push(self, blocks, hit: bool) -> None:
         arr = as_block_array(blocks)
+        arr = arr[arr < self._live.size]
+        gone = arr[self._live[arr]]
+        if gone.size:
+            if gone.size > 1:
+                gone = np.unique(gone)
+            self._live[gone] = False
+            self._num_live -= gone.size
+            self._removed(gone)
+
+    def _removed(self, gone: np.ndarray) -> None:
+        """Hook: ``gone`` (unique block ids) just left; their ``_prio`` still holds their priority."""
+
+    def _score(self, arr: np.ndarray, hit: bool) -> None:
         n = arr.size
         if n == 0:
             return
-        prio = self.priority(arr, hit)
-        keys = prio.tolist() if isinstance(prio, np.ndarray) else list(map(float, prio))
-        ids = arr.tolist()
-        tick = self._tick
-        entries = list(zip(keys, range(tick + 1, tick + 1 + n), ids))
-        self._tick = tick + n
-        self._live.update(zip(ids, entries))
-        self._pending += entries
-        if len(self._heap) + len(self._pending) > 2 * len(self._live) + 4096:
+        self._reserve(int(arr.max()))
+        prio = np.asarray(self.priority(arr, hit), dtype=np.float64)
+        ticks = np.arange(self._tick + 1, self._tick + 1 + n, dtype=np.int64)
+        self._tick += n
+        live = self._live[arr]
+        # an insertion, or a priority that went down, needs a heap entry now (see the docstring)
+        eager = ~live if not hit else ~live | (prio < self._prio[arr])
+        self._prio[arr] = prio
+        self._stamp[arr] = ticks
+        if not live.all():
+            fresh = arr[~live]
+            self._num_live += np.unique(fresh).size if fresh.size > 1 else 1
+            self._live[fresh] = True
+        if self._heap is None or (hit and not eager.any()):
+            return  # no heap to keep (the next heap victims rebuilds it), or nothing to push
+        if not eager.all():
+            arr, prio, ticks = arr[eager], prio[eager], ticks[eager]
+        self._pushed[arr] = ticks
+        self._pending += zip(prio.tolist(), ticks.tolist(), arr.tolist())
+        if len(self._heap) + len(self._pending) > 2 * self._num_live + 4096:
             self._compact()
 
+    def _current(self, b: int) -> Entry:
+        """Push ``b``'s current entry (its newest pushed entry was stale or lent) and return it."""
+        t = int(self._stamp[b])
+        self._pushed[b] = t
+        return (float(self._prio[b]), t, b)
+
     def victims(self, n: int, protected=None) -> np.ndarray:
-        if 8 * len(self._pending) > len(self._live):  # one O(live) heapify beats that many O(log) pushes
+        if n >= self.sort_victims_at and 64 * n >= self._num_live:
+            return self._victims_by_sort(n, protected)
+        if self._heap is None or 8 * len(self._pending) > self._num_live:  # one O(live) heapify beats that many O(log) pushes
             self._compact()
-        live, heap = self._live, self._heap
-        get = live.get
+        heap, live, stamp, pushed = self._heap, self._live, self._stamp, self._pushed
+        push = heapq.heappush
         if self._pending:
-            deque(map(partial(heapq.heappush, heap), self._pending), maxlen=0)
+            deque(map(partial(push, heap), self._pending), maxlen=0)
             self._pending = []
         if self._lent:
-            push = heapq.heappush
             for e in self._lent:
-                if get(e[2]) is e:
-                    push(heap, e)
+                b = e[2]
+                if live[b] and pushed[b] == e[1]:
+                    push(heap, self._current(b))
             self._lent = []
         if n <= 0:
             return np.zeros(0, dtype=np.int64)
@@ -112,18 +175,42 @@ class PriorityPolicy(EvictionPolicy):
         pop = heapq.heappop
         while heap:
             e = pop(heap)
-            b = e[2]
-            if get(b) is e:
-                lent.append(e)
-                if b not in skip:
-                    out.append(b)
-                    if len(out) == n:
-                        break
+            b, t = e[2], e[1]
+            if not live[b] or pushed[b] != t:
+                continue  # the block left, or a newer entry of it is in the heap
+            if stamp[b] != t:
+                push(heap, self._current(b))  # re-scored since: its current entry takes this one's place
+                continue
+            lent.append(e)
+            if b not in skip:
+                out.append(b)
+                if len(out) == n:
+                    break
         return np.asarray(out, dtype=np.int64)
 
+    def _victims_by_sort(self, n: int, protected) -> np.ndarray:
+        """The ``n`` smallest current entries by a partial sort of the arrays: O(ids), no heap
+        work. For many victims at once (a batch of saves into a full tier), where popping would
+        surface and re-push the stale entry of every block read since. The heap is dropped and
+        rebuilt by the next heap ``victims`` (scoring pushes nothing meanwhile)."""
+        ids = np.flatnonzero(self._live)
+        if protected is not None:
+            ids = ids[~protected_at(ids, protected)]
+        if ids.size > n:
+            prio = self._prio[ids]
+            ids = ids[prio <= np.partition(prio, n - 1)[n - 1]]
+        order = np.lexsort((self._stamp[ids], self._prio[ids]))[:n]
+        self._heap = None
+        self._pending = []
+        self._lent = []
+        return ids[order]
+
     def _compact(self) -> None:
-        """Rebuild the heap from ``_live``: merges the pending entries and drops the stale ones."""
-        self._heap = list(self._live.values())
+        """Rebuild the heap from the arrays: merges the pending entries and drops the stale ones."""
+        ids = np.flatnonzero(self._live)
+        ticks = self._stamp[ids]
+        self._pushed[ids] = ticks
+        self._heap = list(zip(self._prio[ids].tolist(), ticks.tolist(), ids.tolist()))
         heapq.heapify(self._heap)
         self._pending = []
         self._lent = []
@@ -138,10 +225,5 @@ class GreedyDual(PriorityPolicy):
         super().__init__(info)
         self.clock = 0.0
 
-    def on_remove(self, blocks) -> None:
-        pop, clock = self._live.pop, self.clock
-        for b in as_block_list(blocks):
-            e = pop(b, None)
-            if e is not None and e[0] > clock:
-                clock = e[0]
-        self.clock = clock
+    def _removed(self, gone: np.ndarray) -> None:
+        self.clock = max(self.clock, float(self._prio[gone].max()))

@@ -86,14 +86,18 @@ OPS = st.lists(
 )
 
 
+@pytest.mark.parametrize("sort_at", [64, 4], ids=["heap", "heap+sort"])
 @pytest.mark.parametrize("name", sorted(CREDITS))
 @settings(max_examples=60, deadline=None)
 @given(ops=OPS, seed=st.integers(0, 3))
-def test_victims_match_sorted_reference(name, ops, seed):
+def test_victims_match_sorted_reference(name, sort_at, ops, seed):
     """Same victims, in the same order, after any insert/access/remove/victims sequence;
-    victims named and not removed (protected or asked twice) keep their place."""
+    victims named and not removed (protected or asked twice) keep their place. With
+    ``sort_at=4`` every ``victims(n >= 4)`` takes the partial-sort path (which drops the heap),
+    interleaved with heap calls for smaller ``n`` (which rebuild it)."""
     info = _info(seed)
     policy = make_policy(name, info, **({"compute_throughput": THROUGHPUT} if name == "asym" else {}))
+    policy.sort_victims_at = sort_at
     credit, greedy_dual = CREDITS[name]
     ref = SortedReference(lambda r, blocks: credit(r, blocks, info), greedy_dual)
     resident: list[int] = []
