@@ -189,7 +189,9 @@ class HostTierIndex:
 
     Block ids seen by the policy are slot numbers (a block lives in one slot). ``pinned``
     (``[num_slots]`` bool) marks the slots that this step's loads read: never victims, and
-    handed to the policy as its protection mask as is. The cold tier's
+    handed to the policy as its protection mask as is; so are the slots inserted this step,
+    whose saves are not done yet (the scheduler clears the mask once it has built the step's
+    metadata). The cold tier's
     contents are mirrored as an LRU of keys capped at its capacity (LMCache evicts LRU too; a
     stale entry only costs a failed load, reported and recomputed).
 
@@ -240,7 +242,8 @@ class HostTierIndex:
         self.policy.on_access(arr)
 
     def insert(self, keys: Sequence[bytes], positions: Sequence[int]) -> tuple[list[int], list[tuple[int, bytes]]]:
-        """Give each key (not resident) a slot, evicting unpinned victims as needed.
+        """Give each key (not resident) a slot, evicting unpinned victims as needed, and pin
+        the slots given (the step's copy into them is not done yet).
 
         Returns ``(slots, evicted)`` with ``evicted`` the ``(slot, key)`` pairs whose content
         must leave (spill to the cold tier) before the slot is overwritten. Inserts as many
@@ -280,6 +283,7 @@ class HostTierIndex:
         info.recompute_cost[slots] = self.cost.recompute_flops(pos, self.spec.block_size)
         info.reload_cost[slots] = self._reload_cost
         self.pool.owner[slots] = slots
+        self.pinned[slots] = True  # written this step: no later insert of the step may take them
         self.policy.on_insert(slots)
         return slots.tolist(), evicted
 
@@ -324,6 +328,8 @@ class BlockCopy:
         """GPU blocks ``gpu_blocks`` hold consecutive pieces of the host blocks ``slots``,
         starting at piece ``first_sub`` of ``slots[0]``; ``per_host`` pieces per host block."""
         n = len(gpu_blocks)
+        if per_host == 1:  # one GPU block per host block (vLLM's block size): no pieces to map
+            return cls(np.array(slots[:n], dtype=np.int64), np.zeros(n, dtype=np.int64), np.array(gpu_blocks, dtype=np.int64), list(keys[:n]))
         piece = first_sub + np.arange(n, dtype=np.int64)
         host_idx = piece // per_host
         slot_arr = np.asarray(slots, dtype=np.int64)[host_idx]
@@ -378,7 +384,13 @@ class _ReqState:
 
 
 class _SchedulerSide:
-    """Prefix lookup, load/save planning and the per-step metadata (see the module docstring)."""
+    """Prefix lookup, load/save planning and the per-step metadata (see the module docstring).
+
+    Policy work is batched per step: the accesses of a step's hits are recorded as they are
+    planned and handed to the policy at once (before any insert, so its order is what the
+    step read), and the blocks every request of the step saves go in one insert, so a full
+    host tier names all of the step's victims in one ``victims`` call.
+    """
 
     def __init__(self, config: KVStoreConnectorConfig, spec: KVSpec, gpu_block: int, cost: CostModel) -> None:
         self.spec = spec
@@ -388,6 +400,7 @@ class _SchedulerSide:
         self.index = HostTierIndex(spec, config.host_blocks, config.policy, cost, cold)
         self.reqs: dict[str, _ReqState] = {}
         self._meta = KVStoreConnectorMetadata()
+        self._touched: list[np.ndarray | list[int]] = []  # this step's hits, not yet told to the policy
 
     def _keys(self, request: "Request") -> list[bytes]:
         """Host block keys of ``request``: the hash of the last vLLM block of each full host block."""
@@ -399,6 +412,12 @@ class _SchedulerSide:
         if st is None:
             st = self.reqs[request.request_id] = _ReqState(request)
         return st
+
+    def _flush_touches(self) -> None:
+        """Tell the policy about the hits recorded since the last flush, in order."""
+        if self._touched:
+            touched, self._touched = self._touched, []
+            self.index.touch(np.concatenate(touched) if len(touched) > 1 else touched[0])
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         hits, _ = self.index.match(self._keys(request))
@@ -423,6 +442,7 @@ class _SchedulerSide:
         while None in slots[done:]:  # a cold hit: promote it into a fresh slot, fetched before the load
             i = slots.index(None, done)
             index.pinned[slots[done:i]] = True
+            self._flush_touches()
             got, evicted = index.insert([keys[i]], [(h0 + i) * bs])
             meta.spills.extend(evicted)
             if not got:
@@ -433,40 +453,66 @@ class _SchedulerSide:
             done = i
         slot_arr = np.asarray(slots, dtype=np.int64)
         index.pinned[slot_arr[done:]] = True
-        index.touch(slot_arr)
+        self._touched.append(slot_arr)
         meta.loads[request.request_id] = BlockCopy.build(slot_arr, keys, st.gpu_blocks[first:end], first % self.per_host, self.per_host)
         st.num_saved = max(st.num_saved, end // self.per_host)
 
-    def _plan_saves(self, st: _ReqState, upto_tokens: int) -> BlockCopy | None:
-        """Host blocks of ``st`` fully computed by ``upto_tokens`` and not saved yet: touch the
-        resident ones, insert the rest; the copies for the inserted ones (or None)."""
+    def _unsaved(self, st: _ReqState, upto_tokens: int) -> tuple[_ReqState, list[int], list[bytes], int] | None:
+        """Host blocks of ``st`` fully computed by ``upto_tokens`` and not saved yet: record the
+        resident ones as hits; ``(st, indices, keys, n_full)`` of the others (or None)."""
         keys = self._keys(st.request)
         n_full = min(upto_tokens // self.spec.block_size, len(keys), len(st.gpu_blocks) // self.per_host)
         if n_full <= st.num_saved:
             return None
-        index, bs = self.index, self.spec.block_size
-        found = list(map(index.slot_of.get, keys[st.num_saved : n_full]))
-        index.touch([s for s in found if s is not None])
+        get = self.index.slot_of.get
+        found = [get(k) for k in keys[st.num_saved : n_full]]
         new = [st.num_saved + j for j, s in enumerate(found) if s is None]
-        slots, evicted = index.insert([keys[i] for i in new], [i * bs for i in new])
+        if len(new) < len(found):
+            self._touched.append([s for s in found if s is not None])
+        return st, new, [keys[i] for i in new], n_full
+
+    def _plan_saves(self, unsaved: Sequence[tuple[_ReqState, list[int], list[bytes], int]]) -> BlockCopy | None:
+        """One insert for the new host blocks of ``unsaved`` (from :meth:`_unsaved`, in request
+        order) and their copies (or None). A key two requests both lack (a shared prefix block
+        not in the tier) is saved once, from the first. When the tier cannot take them all, the
+        blocks first in line get slots and each request retries from its first unsaved block."""
+        self._flush_touches()
+        bs, k = self.spec.block_size, self.per_host
+        first: dict[bytes, int] = {}  # key -> its index in keys
+        keys: list[bytes] = []
+        src: list[tuple[_ReqState, int]] = []  # (request, host block index) each key is saved from
+        refs: list[list[int]] = []
+        for st, new, ks, _ in unsaved:
+            r = []
+            for i, key in zip(new, ks):
+                j = first.setdefault(key, len(keys))
+                if j == len(keys):
+                    keys.append(key)
+                    src.append((st, i))
+                r.append(j)
+            refs.append(r)
+        slots, evicted = self.index.insert(keys, [i * bs for _, i in src])
         self._meta.spills.extend(evicted)
-        st.num_saved = n_full if len(slots) == len(new) else new[len(slots)]  # retry what did not fit
-        if not slots:
+        fit = len(slots)
+        for (st, new, _, n_full), r in zip(unsaved, refs):
+            miss = next((t for t, j in enumerate(r) if j >= fit), None)
+            st.num_saved = n_full if miss is None else new[miss]
+        if not fit:
             return None
-        k, gpu, saved = self.per_host, st.gpu_blocks, new[: len(slots)]
         # The saved host blocks need not be adjacent, but each brings its k GPU blocks in order.
-        return BlockCopy.build(slots, [keys[i] for i in saved], [gpu[i * k + j] for i in saved for j in range(k)], 0, k)
+        gpu = [st.gpu_blocks[i * k + j] for st, i in src[:fit] for j in range(k)]
+        return BlockCopy.build(slots, keys[:fit], gpu, 0, k)
 
     def build_connector_meta(self, so: "SchedulerOutput") -> KVStoreConnectorMetadata:
-        saves: list[BlockCopy] = []
+        unsaved = []
         for req in so.scheduled_new_reqs:
             st = self.reqs.get(req.req_id)
             if st is None:
                 continue
             st.gpu_blocks = list(req.block_ids[0])
             upto = min(req.num_computed_tokens + so.num_scheduled_tokens[req.req_id], st.request.num_prompt_tokens)
-            if (c := self._plan_saves(st, upto)) is not None:
-                saves.append(c)
+            if (u := self._unsaved(st, upto)) is not None:
+                unsaved.append(u)
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self.reqs.get(req_id)
@@ -479,10 +525,12 @@ class _SchedulerSide:
             elif new_ids is not None:
                 st.gpu_blocks.extend(new_ids[0])
             upto = min(cached.num_computed_tokens[i] + so.num_scheduled_tokens[req_id], st.request.num_prompt_tokens)
-            if (c := self._plan_saves(st, upto)) is not None:
-                saves.append(c)
+            if (u := self._unsaved(st, upto)) is not None:
+                unsaved.append(u)
+        saves = self._plan_saves(unsaved) if unsaved else None
+        self._flush_touches()
         meta, self._meta = self._meta, KVStoreConnectorMetadata()
-        meta.saves = BlockCopy.concat(saves)
+        meta.saves = BlockCopy.concat([saves] if saves is not None else [])
         self.index.pinned[:] = False
         return meta
 
@@ -493,7 +541,8 @@ class _SchedulerSide:
         if st is None or request.num_computed_tokens == 0:
             return False, None
         st.gpu_blocks = list(block_ids)
-        copy = self._plan_saves(st, request.num_computed_tokens)
+        unsaved = self._unsaved(st, request.num_computed_tokens)
+        copy = self._plan_saves([unsaved]) if unsaved is not None else None
         if copy is None:
             return False, None
         self._meta.finished_saves[request.request_id] = copy

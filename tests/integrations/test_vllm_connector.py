@@ -327,3 +327,89 @@ def test_full_tier_admission_evicts_what_the_plain_policy_names(policy):
         evicted += len(meta.spills)
         assert not index.pinned.any()
     assert evicted >= 40 * 4 * 2 and twin.protected_calls > 0
+
+
+def _tiny_side(policy: str, host_blocks: int):
+    from kvstore.evict.cost import CostModel
+    from kvstore.integrations.vllm import KVStoreConnectorConfig, _SchedulerSide
+    from kvstore.spec import KVSpec
+
+    spec = KVSpec.preset("tiny")
+    return _SchedulerSide(KVStoreConnectorConfig(host_blocks=host_blocks, policy=policy), spec, spec.block_size, CostModel.preset("tiny"))
+
+
+def _key8(i: int) -> bytes:
+    return i.to_bytes(8, "little", signed=True) * 4
+
+
+def _step(new_reqs=(), scheduled=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        scheduled_new_reqs=list(new_reqs), num_scheduled_tokens=scheduled or {},
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[]),
+    )
+
+
+def _admit(side, rid: str, hashes: list[bytes], gpu_base: int):
+    """Look up, allocate GPU blocks ``gpu_base..`` and return the SchedulerOutput entry of a
+    new request whose prompt is ``hashes`` full blocks plus one token."""
+    from types import SimpleNamespace
+
+    bs = side.spec.block_size
+    n = len(hashes) * bs + 1
+    req = SimpleNamespace(request_id=rid, block_hashes=hashes, num_tokens=n, num_prompt_tokens=n, num_computed_tokens=0)
+    ext, _ = side.get_num_new_matched_tokens(req, 0)
+    gpu = [gpu_base + i for i in range(len(hashes) + 1)]
+    side.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (gpu,)), ext)
+    return req, SimpleNamespace(req_id=rid, block_ids=(gpu,), num_computed_tokens=ext), n - ext
+
+
+def test_a_block_two_requests_of_one_step_lack_is_saved_once():
+    """Two requests scheduled in one step share a prefix the host tier lacks: each shared block
+    gets one slot and one copy (from the first request), both requests count it as saved, and
+    the index stays a bijection."""
+    side = _tiny_side("asym", 32)
+    shared = [_key8(j) for j in range(3)]
+    a, a_new, a_n = _admit(side, "a", shared + [_key8(100)], 0)
+    b, b_new, b_n = _admit(side, "b", shared + [_key8(200), _key8(201)], 10)
+    meta = side.build_connector_meta(_step([a_new, b_new], {"a": a_n, "b": b_n}))
+    assert sorted(meta.saves.keys) == sorted(shared + [_key8(100), _key8(200), _key8(201)])
+    assert meta.saves.gpu_blocks.tolist() == [0, 1, 2, 3, 13, 14]  # shared blocks copied from a's GPU blocks
+    assert side.reqs["a"].num_saved == 4 and side.reqs["b"].num_saved == 5
+    index = side.index
+    assert len(index) == 6 == index.pool.num_slots - index.pool.num_free
+    assert all(index.key_of[s] == k for k, s in index.slot_of.items())
+    assert not index.pinned.any()
+
+
+@pytest.mark.parametrize("policy", ["asym", "lru"])
+def test_slots_saved_this_step_are_never_victims_of_the_same_step(policy):
+    """A finished request's save (planned between steps) and the next step's saves into a full
+    tier: the next step's victims never include a slot whose copy is still pending, whatever
+    the policy thinks of the freshly inserted blocks (asym scores them low)."""
+    side = _tiny_side(policy, 8)
+    old = [_key8(1000 + j) for j in range(6)]
+    _, o_new, o_n = _admit(side, "old", old, 0)
+    side.build_connector_meta(_step([o_new], {"old": o_n}))
+    for _ in range(3):  # the old blocks collect reads: a frequency-aware policy values them
+        _, r_new, r_n = _admit(side, "reader", old, 0)
+        side.build_connector_meta(_step([r_new], {"reader": r_n}))
+        side.reqs.clear()
+    # a request finishes holding 2 blocks the tier lacks: saved asynchronously, slots assigned now
+    from types import SimpleNamespace
+
+    fin = [_key8(2000), _key8(2001)]
+    done = SimpleNamespace(request_id="fin", block_hashes=fin, num_tokens=2 * side.spec.block_size,
+                           num_prompt_tokens=2 * side.spec.block_size, num_computed_tokens=2 * side.spec.block_size)
+    side._state(done)
+    delay, _ = side.request_finished(done, [40, 41])
+    assert delay
+    fin_slots = {side.index.slot_of[k] for k in fin}
+    # next step: a new request saves 6 blocks into the full tier
+    _, n_new, n_n = _admit(side, "new", [_key8(3000 + j) for j in range(6)], 20)
+    meta = side.build_connector_meta(_step([n_new], {"new": n_n}))
+    assert not fin_slots & {s for s, _ in meta.spills}
+    assert {side.index.slot_of[k] for k in fin} == fin_slots
+    assert set(meta.finished_saves["fin"].slots.tolist()) == fin_slots
+    assert len(meta.saves) == 6 and not fin_slots & set(meta.saves.slots.tolist())
