@@ -66,6 +66,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated modes out of {', '.join(MODES)}")
     parser.add_argument("--subspaces", type=int, default=4, help="PQ sub-vectors per head (kvstore)")
     parser.add_argument("--bits", type=int, default=8, help="PQ bits per code (kvstore)")
+    parser.add_argument("--sinks", type=int, default=SelectionConfig.num_sinks, help="sink tokens always kept (pq, pq-refine, exact)")
+    parser.add_argument("--window", type=int, default=SelectionConfig.recent_window, help="recent tokens always kept (pq, pq-refine, exact)")
     parser.add_argument("--refine", type=float, default=4.0, help="shortlist factor of pq-refine's exact re-ranking")
     parser.add_argument("--plot", default=None, metavar="OUT.png", help="plot TPOT and quality against context")
 
@@ -224,7 +226,8 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
     budget_tokens = resolve_budget(budget, context)
     stats = {m: ModeStats() for m in modes}
     select_cfg = {  # exact: a shortlist of every candidate, re-ranked with exact keys
-        "pq": SelectionConfig(), "pq-refine": SelectionConfig(refine=args.refine), "exact": SelectionConfig(refine=float(context)),
+        mode: SelectionConfig(num_sinks=args.sinks, recent_window=args.window, refine=refine)
+        for mode, refine in (("pq", 1.0), ("pq-refine", args.refine), ("exact", float(context)))
     }
     full_out: dict[tuple[int, int, int], torch.Tensor] = {}
     results = []
