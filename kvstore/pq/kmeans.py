@@ -22,9 +22,11 @@ from kvstore.errors import ConfigError, ShapeError
 
 __all__ = ["KMeansConfig", "KMEANS_BACKENDS", "kmeans", "assign"]
 
-#: Elements of the ``[G, chunk, k]`` distance block computed at once by ``assign``.
-_ASSIGN_BLOCK_ELEMENTS = 1 << 24
-
+#: Elements of the ``[G, chunk, k]`` distance block computed at once by ``assign``: on a CPU a
+#: block that stays in cache (4 MiB), on a GPU one large enough to fill the device.
+_ASSIGN_BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+#: Low mantissa bits of a float32 distance that may carry the centroid index (see ``assign``).
+_MAX_PACKED_BITS = 12
 
 @dataclass(frozen=True, kw_only=True)
 class KMeansConfig:
@@ -69,24 +71,37 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torc
 
     Returns:
         ``(codes, sq_dist)``: ``codes: [G, N]`` int64 index of the nearest centroid and
-        ``sq_dist: [G, N]`` its squared Euclidean distance (clamped at 0).
+        ``sq_dist: [G, N]`` its squared Euclidean distance (clamped at 0). For float32 points
+        and ``k <= 4096`` distances are compared to ``2^-(23 - ceil(log2 k))`` relative
+        precision (``2^-15`` at ``k = 256``): centroids closer than that to a tie may swap.
     """
     G, N, _ = x.shape
     k = centroids.shape[1]
     c_norm = centroids.square().sum(-1).unsqueeze(1)  # [G, 1, k]
     codes = torch.empty((G, N), dtype=torch.int64, device=x.device)
     sq_dist = torch.empty((G, N), dtype=x.dtype, device=x.device)
-    chunk = max(1, _ASSIGN_BLOCK_ELEMENTS // (G * k))
+    chunk = max(1, _ASSIGN_BLOCK_ELEMENTS.get(x.device.type, 1 << 24) // (G * k))
     ct = centroids.transpose(1, 2)
+    bits = max(1, (k - 1).bit_length())
+    packed = x.dtype == torch.float32 and bits <= _MAX_PACKED_BITS
+    if packed:
+        index = torch.arange(k, dtype=torch.int32, device=x.device)
     for start in range(0, N, chunk):
         xs = x[:, start : start + chunk]
         # ||x - c||^2 - ||x||^2 = ||c||^2 - 2 x.c : the argmin does not need ||x||^2.
         d = torch.baddbmm(c_norm, xs, ct, alpha=-2.0)
-        best, idx = d.min(dim=-1)
+        if packed:
+            # The centroid index replaces the low mantissa bits of each distance, so a plain
+            # min (vectorised, unlike an arg-reduction) carries its own argmin; distances
+            # are compared to 2^-(23 - bits) relative precision.
+            d.view(torch.int32).bitwise_and_(-(1 << bits)).bitwise_or_(index)
+            best = d.amin(dim=-1)
+            idx = best.view(torch.int32) & ((1 << bits) - 1)
+        else:
+            best, idx = d.min(dim=-1)
         codes[:, start : start + chunk] = idx
         sq_dist[:, start : start + chunk] = (best + xs.square().sum(-1)).clamp_min_(0.0)
     return codes, sq_dist
-
 
 def _subsample(x: torch.Tensor, cap: int, generator: torch.Generator) -> torch.Tensor:
     """At most ``cap`` points per group: the same random token indices in every group."""

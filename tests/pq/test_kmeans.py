@@ -57,6 +57,27 @@ def test_assign_matches_brute_force():
     torch.testing.assert_close(sq, d.min(-1).values, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("k", [256, 5000])
+def test_assign_packed_min_matches_brute_force_up_to_near_ties(k):
+    """k=256 packs the index into the distances' low mantissa bits (several cache-sized blocks,
+    offset points so that ``||c||^2 - 2 x.c`` is negative); k=5000 is past the packing limit
+    and takes the exact arg-reduction. Any code that differs from the float64 argmin is a
+    near-tie, and the distances agree."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5000, 8, generator=g) * 2 + 3
+    c = torch.randn(2, k, 8, generator=g) * 2 + 3
+    codes, sq = assign(x, c)
+    d = torch.cdist(x.double(), c.double()).square()
+    best = d.min(-1).values
+    chosen = d.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+    assert (chosen - best).abs().max() <= 1e-4 * best.abs().max()
+    assert (codes != d.argmin(-1)).float().mean() < 1e-3
+    torch.testing.assert_close(sq.double(), best, atol=1e-3, rtol=1e-3)
+    # float64 points are never packed: exact
+    codes64, _ = assign(x.double(), c.double())
+    assert torch.equal(codes64, d.argmin(-1))
+
+
 @pytest.mark.parametrize(
     "kwargs", [dict(backend="sklearn"), dict(init="random"), dict(num_iters=0), dict(max_points_per_centroid=0), dict(backend="faiss", init="kmeans++")]
 )
