@@ -39,10 +39,10 @@ def lookup_tables(queries: torch.Tensor, centroids: torch.Tensor) -> torch.Tenso
 def adc_scores(codes: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """ADC scores of all tokens: ``scores[r, q, n] = sum_m tables[r, q, m, codes[r, n, m]]``.
 
-    Each query's tables are one flat row of ``M * K`` entries per row ``r``; the codes become
-    flat indices into it once (``code + m * K``), so a query costs one contiguous gather of
-    ``N * M`` entries and a sum over ``M``. Queries are scored one by one: a gather with an
-    index broadcast over queries, or gathering ``Q``-wide table rows, is 2-5x slower on CPU.
+    One gather per (subspace, query) of ``R x N`` table entries, accumulated in place: the
+    codes of a subspace are widened to the int64 index ``gather`` wants once (``R x N``
+    entries, reused by every query), never all ``M`` subspaces at once (an ``R x N x M`` int64
+    index is 8x the codes and, on CPU, costs more to allocate and fill than the gathers).
 
     Args:
         codes: ``[R, N, M]`` uint8.
@@ -52,12 +52,15 @@ def adc_scores(codes: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         ``[R, Q, N]`` float32.
     """
     R, N, M = codes.shape
-    Q, K = tables.shape[1], tables.shape[3]
-    flat_index = (codes.long() + torch.arange(0, M * K, K, device=codes.device)).view(R, N * M)
-    flat_tables = tables.reshape(R, Q, M * K)
+    Q = tables.shape[1]
     out = torch.empty((R, Q, N), dtype=tables.dtype, device=tables.device)
-    for q in range(Q):
-        torch.sum(flat_tables[:, q].gather(1, flat_index).view(R, N, M), dim=-1, out=out[:, q])
+    for m in range(M):
+        index = codes[:, :, m].long()  # [R, N]
+        for q in range(Q):
+            if m == 0:
+                torch.gather(tables[:, q, m], 1, index, out=out[:, q])
+            else:
+                out[:, q].add_(tables[:, q, m].gather(1, index))
     return out
 
 
