@@ -7,9 +7,10 @@ vLLM objects those methods read (Request, KVCacheBlocks, SchedulerOutput) are st
 the same attributes, so the figure is the connector's own cost. Full-tier admission: the host
 tier holds exactly its capacity; each admitted request looks up its prefix, plans its loads
 (pinning its hits) and, once scheduled (build_connector_meta), saves its blocks not in the
-tier: its 4 new blocks plus any prefix blocks evicted since, each save evicting a victim while
-up to ``--requests x --hit-blocks`` slots are pinned by the step's loads. That is the steady
-state of a serving host tier, where ``victims`` runs on every admission. Worker side: save
+tier: its 4 new blocks plus any prefix blocks evicted since. The step's saves go into the tier
+in one insert that evicts as many victims while up to ``--requests x --hit-blocks`` slots are
+pinned by the step's loads. That is the steady state of a serving host tier, where every
+step's admissions evict. Worker side: save
 then load of ``--copy-blocks`` vLLM blocks between per-layer KV caches in vLLM's layout and the host pool,
 against a plain ``copy_`` of the same bytes.
 """
@@ -115,9 +116,9 @@ def _scheduler_bench(args) -> dict:
 
 
 def _full_tier_bench(args) -> dict:
-    """Admission into a full host tier: per request, lookup + load planning (pins its hits) and
-    then the save of its blocks not in the tier, which evicts as many victims. Each step admits
-    fresh requests (new keys), prepared before timing."""
+    """Admission into a full host tier: per request, lookup + load planning (pins its hits);
+    then the step's saves of the blocks not in the tier, which evict as many victims. Each step
+    admits fresh requests (new keys), prepared before timing."""
     R, H, warmup = args.requests, args.hit_blocks, 3
     prefixes = args.cached_blocks // H
     side = _filled_side(args, prefixes * H)

@@ -96,7 +96,13 @@ def adc_topk(
         ordered by decreasing score.
     """
     scores = adc_scores(codes, tables)  # [R, Q, N]
-    if lo is not None or hi is not None:
+    if (lo is not None or hi is not None) and scores.device.type == "cpu":
+        # two slice fills per row (rows are few): cheaper on CPU than a masked pass over [R, Q, N]
+        R, N = scores.shape[0], scores.shape[-1]
+        for r, a, b in zip(range(R), lo.tolist() if lo is not None else [0] * R, hi.tolist() if hi is not None else [N] * R):
+            scores[r, :, : max(a, 0)] = float("-inf")
+            scores[r, :, max(b, 0) :] = float("-inf")
+    elif lo is not None or hi is not None:  # no host sync on a GPU
         n = torch.arange(scores.shape[-1], device=scores.device)
         outside = torch.zeros((scores.shape[0], scores.shape[-1]), dtype=torch.bool, device=scores.device)
         if lo is not None:
