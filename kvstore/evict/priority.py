@@ -6,7 +6,7 @@ accessed; this base keeps the order. A block's current entry is ``(priority, tic
 scoring first. The current entries live in numpy arrays indexed by block id (``_prio``,
 ``_stamp``, ``_live``), so scoring a batch is a few vectorised writes; the heap holds tuples.
 
-Invariants (``pushed[b]``: the tick of the newest entry pushed for ``b``):
+Invariants (``pushed[b]``: the tick of the newest entry pushed for ``b``, -1 once ``b`` left):
 
 - Every live block has an entry in ``_heap``, ``_pending`` or ``_lent`` that is no larger
   than its current entry; when ``pushed[b] == stamp[b]`` that entry *is* the current one.
@@ -113,6 +113,7 @@ class PriorityPolicy(EvictionPolicy):
             if gone.size > 1:
                 gone = np.unique(gone)
             self._live[gone] = False
+            self._pushed[gone] = -1  # every entry of a removed block is stale
             self._num_live -= gone.size
             self._removed(gone)
 
@@ -156,7 +157,7 @@ class PriorityPolicy(EvictionPolicy):
             return self._victims_by_sort(n, protected)
         if self._heap is None or 8 * len(self._pending) > self._num_live:  # one O(live) heapify beats that many O(log) pushes
             self._compact()
-        heap, live, stamp, pushed = self._heap, self._live, self._stamp, self._pushed
+        heap, stamp, pushed = self._heap, self._stamp, self._pushed
         push = heapq.heappush
         if self._pending:
             deque(map(partial(push, heap), self._pending), maxlen=0)
@@ -164,7 +165,7 @@ class PriorityPolicy(EvictionPolicy):
         if self._lent:
             for e in self._lent:
                 b = e[2]
-                if live[b] and pushed[b] == e[1]:
+                if pushed[b] == e[1]:
                     push(heap, self._current(b))
             self._lent = []
         if n <= 0:
@@ -176,8 +177,8 @@ class PriorityPolicy(EvictionPolicy):
         while heap:
             e = pop(heap)
             b, t = e[2], e[1]
-            if not live[b] or pushed[b] != t:
-                continue  # the block left, or a newer entry of it is in the heap
+            if pushed[b] != t:
+                continue  # the block left (pushed = -1), or a newer entry of it is in the heap
             if stamp[b] != t:
                 push(heap, self._current(b))  # re-scored since: its current entry takes this one's place
                 continue
