@@ -110,32 +110,33 @@ class PriorityPolicy(EvictionPolicy):
         arr = arr[arr < self._live.size]
         gone = arr[self._live[arr]]
         if gone.size:
-            if gone.size > 1:
-                gone = np.unique(gone)
             self._live[gone] = False
             self._pushed[gone] = -1  # every entry of a removed block is stale
-            self._num_live -= gone.size
+            self._num_live -= len(set(gone.tolist())) if gone.size > 1 else 1
             self._removed(gone)
 
     def _removed(self, gone: np.ndarray) -> None:
-        """Hook: ``gone`` (unique block ids) just left; their ``_prio`` still holds their priority."""
+        """Hook: ``gone`` (block ids, maybe repeated) just left; ``_prio`` still holds their priority."""
 
     def _score(self, arr: np.ndarray, hit: bool) -> None:
         n = arr.size
         if n == 0:
             return
-        self._reserve(int(arr.max()))
+        try:
+            live = self._live[arr]
+        except IndexError:  # a block id past the arrays: grow them
+            self._reserve(int(arr.max()))
+            live = self._live[arr]
         prio = np.asarray(self.priority(arr, hit), dtype=np.float64)
         ticks = np.arange(self._tick + 1, self._tick + 1 + n, dtype=np.int64)
         self._tick += n
-        live = self._live[arr]
         # an insertion, or a priority that went down, needs a heap entry now (see the docstring)
         eager = ~live if not hit else ~live | (prio < self._prio[arr])
         self._prio[arr] = prio
         self._stamp[arr] = ticks
         if not live.all():
             fresh = arr[~live]
-            self._num_live += np.unique(fresh).size if fresh.size > 1 else 1
+            self._num_live += len(set(fresh.tolist())) if fresh.size > 1 else 1
             self._live[fresh] = True
         if self._heap is None or (hit and not eager.any()):
             return  # no heap to keep (the next heap victims rebuilds it), or nothing to push
