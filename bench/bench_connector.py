@@ -34,6 +34,11 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--copy-blocks", type=int, default=64, help="vLLM blocks per save/load")
     parser.add_argument("--layers", type=int, default=8, help="layers of the bandwidth model (llama3-8b heads/dims)")
     parser.add_argument("--repeat", type=int, default=20, help="timed repetitions")
+    parser.add_argument("--trace", default=None, metavar="PATH",
+                        help="also replay this Mooncake trace through the scheduler side: host-tier prefix hit ratio per policy")
+    parser.add_argument("--trace-policies", default="lru,asym", help="policies of the trace replay (comma-separated)")
+    parser.add_argument("--trace-capacity", type=float, default=0.1,
+                        help="host tier of the trace replay: a fraction of the trace's unique blocks (< 1) or blocks")
     add_common_args(parser)
 
 
@@ -157,6 +162,54 @@ def _full_tier_bench(args) -> dict:
     }
 
 
+def trace_hits(trace, policy: str, host_blocks: int, **config) -> dict:
+    """Replay ``trace`` (a kvstore Trace, one host block per trace block) through the scheduler
+    side: each request looks up its prefix (get_num_new_matched_tokens), loads its hits and
+    saves the rest of its prompt (build_connector_meta), one request per step, with no GPU
+    prefix cache above the host tier. Returns the prefix hit ratio (blocks loaded / blocks read)."""
+    from kvstore.evict.cost import CostModel
+    from kvstore.integrations.vllm import KVStoreConnectorConfig, _SchedulerSide
+    from kvstore.spec import KVSpec
+
+    bs = trace.block_tokens
+    spec = KVSpec.preset("llama3-8b", block_size=bs)
+    cost = CostModel.preset("llama3-8b")
+    side = _SchedulerSide(KVStoreConnectorConfig(host_blocks=host_blocks, policy=policy, **config), spec, bs, cost)
+    per_block = cost.recompute_flops(np.arange(trace.max_request_blocks, dtype=np.int64) * bs, bs)
+    # [i]: FLOPs of blocks i.. of a request as long as the longest (a trailing 0 for i = its length)
+    computed = np.append(np.cumsum(per_block[::-1])[::-1], 0.0)
+    hits, flops = 0, 0.0
+    for r in range(trace.num_requests):
+        ids = trace.request(r).tolist()
+        if not ids:
+            continue
+        hashes = [_key(b) for b in ids]
+        n = len(ids) * bs + 1
+        req = SimpleNamespace(request_id="r", block_hashes=hashes, num_tokens=n, num_prompt_tokens=n, num_computed_tokens=0)
+        ext, _ = side.get_num_new_matched_tokens(req, 0)
+        gpu = [*range(len(ids) + 1)]
+        side.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (gpu,)), ext)
+        new = SimpleNamespace(req_id="r", block_ids=(gpu,), num_computed_tokens=ext)
+        side.build_connector_meta(_empty_step([new], {"r": n - ext}))
+        side.reqs.clear()
+        h = ext // bs
+        hits += h
+        flops += computed[h] - computed[len(ids)]
+    return {
+        "policy": policy, "host_blocks": host_blocks, **config,
+        "prefix_hit_ratio": hits / trace.num_block_requests, "prefill_tflops": flops / 1e12,
+    }
+
+
+def _trace_bench(args) -> list[dict]:
+    from kvstore.evict.trace import load_mooncake
+
+    trace = load_mooncake(args.trace)
+    cap = int(args.trace_capacity * trace.num_unique_blocks) if args.trace_capacity < 1 else int(args.trace_capacity)
+    policies = [p.strip() for p in args.trace_policies.split(",") if p.strip()]
+    return [trace_hits(trace, p, cap, leaves_only=leaves) for p in policies for leaves in (True, False)]
+
+
 def _bandwidth_bench(args, device: torch.device) -> dict:
     from kvstore.integrations.vllm import BlockCopy, HostTierWorker
     from kvstore.spec import KVSpec
@@ -209,5 +262,13 @@ def main(args) -> int:
         ["plain copy_ of the same bytes", f"{bw['plain_copy_gbps']:.2f} GB/s", "reference"],
     ]
     print_table(f"connector, policy {args.policy} ({sched['cached_blocks']} blocks cached, {sched['requests_per_step']} requests/step)", ["measure", "value", "target"], rows)
-    write_json(args.json_out, {"machine": machine_info(device), "device": str(device), "policy": args.policy, "scheduler": sched, "bandwidth": bw})
+    out = {"machine": machine_info(device), "device": str(device), "policy": args.policy, "scheduler": sched, "bandwidth": bw}
+    if args.trace:
+        out["trace"] = hits = _trace_bench(args)
+        print_table(
+            f"host-tier prefix hits, {args.trace} through the scheduler side ({hits[0]['host_blocks']} host blocks)",
+            ["policy", "leaves only", "prefix hit ratio", "prefill TFLOPs"],
+            [[h["policy"], h["leaves_only"], h["prefix_hit_ratio"], h["prefill_tflops"]] for h in hits],
+        )
+    write_json(args.json_out, out)
     return 0

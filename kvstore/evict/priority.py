@@ -21,7 +21,9 @@ Invariants (``pushed[b]``: the tick of the newest entry pushed for ``b``, -1 onc
   block left, or that is not its block's newest pushed entry, is dropped; a stale newest one
   is replaced by the current entry; a current one names a victim (unless protected).
 - Many victims at once (``n >= 64`` and at least 1/64 of the live blocks: a batch of saves
-  into a full tier) are chosen by a partial sort of the arrays instead; that drops the heap
+  into a full tier), or victims among mostly protected blocks (a mask over 1/8 of them or
+  more: a prefix tree whose inner blocks are protected), are chosen by a partial sort of the
+  arrays instead; that drops the heap
   (``_heap is None``, scoring pushes nothing) until the next heap ``victims`` rebuilds it.
 - Entries that ``victims`` named are kept in ``_lent`` and pushed back (as the block's
   current entry) at the next ``victims`` unless the block left meanwhile, so naming a victim
@@ -40,7 +42,7 @@ from functools import partial
 
 import numpy as np
 
-from kvstore.evict.base import EvictionPolicy, as_block_array, protected_at, protected_ids
+from kvstore.evict.base import EvictionPolicy, _is_mask, as_block_array, protected_at, protected_ids
 
 Entry = tuple[float, int, int]
 
@@ -154,7 +156,7 @@ class PriorityPolicy(EvictionPolicy):
         return (float(self._prio[b]), t, b)
 
     def victims(self, n: int, protected=None) -> np.ndarray:
-        if n >= self.sort_victims_at and 64 * n >= self._num_live:
+        if (n >= self.sort_victims_at and 64 * n >= self._num_live) or self._mostly_protected(protected):
             return self._victims_by_sort(n, protected)
         if self._heap is None or 8 * len(self._pending) > self._num_live:  # one O(live) heapify beats that many O(log) pushes
             self._compact()
@@ -189,6 +191,12 @@ class PriorityPolicy(EvictionPolicy):
                 if len(out) == n:
                     break
         return np.asarray(out, dtype=np.int64)
+
+    def _mostly_protected(self, protected) -> bool:
+        """A protection mask covering at least 1/8 of the live blocks (the owner protects every
+        inner block of a prefix tree, say): popping would wade through protected entries, and
+        re-push each at every call."""
+        return _is_mask(protected) and 8 * int(np.count_nonzero(protected)) >= self._num_live > 0
 
     def _victims_by_sort(self, n: int, protected) -> np.ndarray:
         """The ``n`` smallest current entries by a partial sort of the arrays: O(ids), no heap

@@ -109,6 +109,10 @@ class KVStoreConnectorConfig:
         policy: kvstore eviction policy of the host tier (a name in ``kvstore.evict.POLICIES``).
         pin_memory: page-lock the host tier (default: when CUDA is available).
         cold_tier: LMCache cold tier, e.g. ``{"path": "/mnt/kv", "max_gib": 64}``; off when None.
+        leaves_only: evict only blocks that no cached block extends (default). vLLM loads a
+            prefix only up to its first missing block, so a block whose successor is cached
+            holds that whole suffix up; evicting from the leaves keeps every cached block
+            reachable. False lets the policy take any unpinned block (multi-segment view).
     """
 
     host_blocks: int = 4096
@@ -116,6 +120,7 @@ class KVStoreConnectorConfig:
     policy: str = "asym"
     pin_memory: bool | None = None
     cold_tier: ColdTierConfig | None = None
+    leaves_only: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.host_blocks, bool) or not isinstance(self.host_blocks, int) or self.host_blocks <= 0:
@@ -127,6 +132,8 @@ class KVStoreConnectorConfig:
         if not isinstance(self.policy, str) or self.policy not in POLICIES or POLICIES[self.policy].offline:
             online = sorted(n for n, c in POLICIES.items() if not c.offline)
             raise ConfigError(f"kv_connector_extra_config.policy={self.policy!r} is not an online kvstore policy; known: {online}")
+        if not isinstance(self.leaves_only, bool):
+            raise ConfigError(f"kv_connector_extra_config.leaves_only must be a bool, got {self.leaves_only!r}")
         if self.pin_memory is not None and not isinstance(self.pin_memory, bool):
             raise ConfigError(f"kv_connector_extra_config.pin_memory must be a bool, got {self.pin_memory!r}")
 
@@ -191,7 +198,10 @@ class HostTierIndex:
     (``[num_slots]`` bool) marks the slots that this step's loads read: never victims, and
     handed to the policy as its protection mask as is; so are the slots inserted this step,
     whose saves are not done yet (the scheduler clears the mask once it has built the step's
-    metadata). The cold tier's
+    metadata). With ``leaves_only`` the index also keeps the prefix tree of what it holds
+    (``parent``: the slot of the block each block extends; ``children``: how many cached blocks
+    extend each slot) and never evicts a block that a cached block extends: vLLM loads a prefix
+    only up to its first missing block, so a hole would strand everything after it. The cold tier's
     contents are mirrored as an LRU of keys capped at its capacity (LMCache evicts LRU too; a
     stale entry only costs a failed load, reported and recomputed).
 
@@ -201,10 +211,15 @@ class HostTierIndex:
         policy: kvstore eviction policy name or instance.
         cost: recompute/reload cost model the policy reads.
         cold_capacity: blocks the cold tier holds (0: no cold tier).
+        leaves_only: evict only blocks that no cached block extends.
     """
 
-    def __init__(self, spec: KVSpec, num_slots: int, policy: str | EvictionPolicy, cost: CostModel, cold_capacity: int = 0) -> None:
+    def __init__(
+        self, spec: KVSpec, num_slots: int, policy: str | EvictionPolicy, cost: CostModel, cold_capacity: int = 0,
+        *, leaves_only: bool = False,
+    ) -> None:
         self.spec = spec
+        self.leaves_only = leaves_only
         self.cost = cost
         self.pool = BlockPool(spec, num_slots, device="meta", name="host")
         self.info = BlockInfo(num_slots)
@@ -214,6 +229,8 @@ class HostTierIndex:
         self.cold: OrderedDict[bytes, None] = OrderedDict()
         self.cold_capacity = cold_capacity
         self.pinned = np.zeros(num_slots, dtype=np.bool_)
+        self.parent = np.full(num_slots, -1, dtype=np.int64)  # slot of the block each block extends, -1: none cached
+        self.children = np.zeros(num_slots, dtype=np.int64)  # cached blocks extending each slot
         self._clock = 0
         self._block_bytes = spec.bytes_per_block
         self._reload_cost = float(cost.reload_seconds(self._block_bytes)) if cold_capacity else np.inf
@@ -241,7 +258,9 @@ class HostTierIndex:
         self.info.access_count[arr] += 1
         self.policy.on_access(arr)
 
-    def insert(self, keys: Sequence[bytes], positions: Sequence[int]) -> tuple[list[int], list[tuple[int, bytes]]]:
+    def insert(
+        self, keys: Sequence[bytes], positions: Sequence[int], parents: Sequence[bytes | None] | None = None,
+    ) -> tuple[list[int], list[tuple[int, bytes]]]:
         """Give each key (not resident) a slot, evicting unpinned victims as needed, and pin
         the slots given (the step's copy into them is not done yet).
 
@@ -250,18 +269,17 @@ class HostTierIndex:
         keys as fit (a prefix of ``keys``) when too few slots can be freed. The victims' slots
         go straight to the first keys, in victim order, without a trip through the free list
         (the slots and order a release then allocate would give); the free slots follow.
+        ``parents[i]`` is the key of the block ``keys[i]`` extends (None for a first block);
+        with ``leaves_only`` a block that a cached block extends is never a victim.
         """
         need = len(keys) - self.pool.num_free
         evicted: list[tuple[int, bytes]] = []
         reused = np.zeros(0, dtype=np.int64)
         if need > 0:
-            reused = self.policy.victims(need, self.pinned)
-            if reused.size:
-                evicted = [(s, self.key_of[s]) for s in reused.tolist()]
-                self._forget(reused)
-                if self.cold_capacity:
-                    for _, k in evicted:
-                        self._cold_add(k)
+            reused, evicted = self._evict(need)
+            if self.cold_capacity:
+                for _, k in evicted:
+                    self._cold_add(k)
             fit = reused.size + self.pool.num_free
             keys, positions = keys[:fit], positions[:fit]
         if not keys:
@@ -272,6 +290,11 @@ class HostTierIndex:
             self.slot_of[k] = s
             self.key_of[s] = k
             self.cold.pop(k, None)
+        if parents is not None:
+            get = self.slot_of.get
+            up = np.array([-1 if k is None else get(k, -1) for k in parents[: slots.size]], dtype=np.int64)
+            self.parent[slots] = up
+            np.add.at(self.children, up[up >= 0], 1)
         info, pos = self.info, np.asarray(positions, dtype=np.int64)
         self._clock += 1
         info.position[slots] = pos
@@ -287,6 +310,25 @@ class HostTierIndex:
         self.policy.on_insert(slots)
         return slots.tolist(), evicted
 
+    def _evict(self, n: int) -> tuple[np.ndarray, list[tuple[int, bytes]]]:
+        """Up to ``n`` unpinned victims, forgotten: ``(slots, [(slot, key), ...])`` in victim order.
+        With ``leaves_only`` each round takes the current leaves only; evicting a leaf can make
+        its parent one, so rounds repeat until ``n`` are found or no leaf is left to take."""
+        rounds: list[np.ndarray] = []
+        evicted: list[tuple[int, bytes]] = []
+        while n > 0:
+            got = self.policy.victims(n, self.pinned | (self.children > 0) if self.leaves_only else self.pinned)
+            if got.size == 0:
+                break
+            evicted += [(s, self.key_of[s]) for s in got.tolist()]
+            self._forget(got)
+            rounds.append(got)
+            n -= got.size
+            if not self.leaves_only:
+                break
+        slots = np.concatenate(rounds) if rounds else np.zeros(0, dtype=np.int64)
+        return slots, evicted
+
     def remove(self, slots: Iterable[int]) -> None:
         """Forget ``slots`` (their content is lost)."""
         live = np.asarray([s for s in slots if self.key_of[s] is not None], dtype=np.int64)
@@ -296,11 +338,19 @@ class HostTierIndex:
             self.pool.release(live)
 
     def _forget(self, slots: np.ndarray) -> None:
-        """Unmap the keys of ``slots`` and tell the policy they left (the slots stay allocated)."""
+        """Unmap the keys of ``slots``, unlink them from the prefix tree and tell the policy they
+        left (the slots stay allocated)."""
         self.policy.on_remove(slots)
         for s in slots.tolist():
             del self.slot_of[self.key_of[s]]
             self.key_of[s] = None
+        up = self.parent[slots]
+        np.subtract.at(self.children, up[up >= 0], 1)
+        self.parent[slots] = -1
+        if self.children[slots].any():  # lost inner blocks (remove): their children now extend nothing cached
+            orphans = np.isin(self.parent, slots)
+            self.parent[orphans] = -1
+            self.children[slots] = 0
 
     def _cold_add(self, key: bytes) -> None:
         self.cold[key] = None
@@ -397,7 +447,7 @@ class _SchedulerSide:
         self.gpu_block = gpu_block
         self.per_host = spec.block_size // gpu_block
         cold = config.cold_tier.capacity_blocks(spec) if config.cold_tier is not None else 0
-        self.index = HostTierIndex(spec, config.host_blocks, config.policy, cost, cold)
+        self.index = HostTierIndex(spec, config.host_blocks, config.policy, cost, cold, leaves_only=config.leaves_only)
         self.reqs: dict[str, _ReqState] = {}
         self._meta = KVStoreConnectorMetadata()
         self._touched: list[np.ndarray | list[int]] = []  # this step's hits, not yet told to the policy
@@ -443,7 +493,7 @@ class _SchedulerSide:
             i = slots.index(None, done)
             index.pinned[slots[done:i]] = True
             self._flush_touches()
-            got, evicted = index.insert([keys[i]], [(h0 + i) * bs])
+            got, evicted = index.insert([keys[i]], [(h0 + i) * bs], [self._keys(request)[h0 + i - 1] if h0 + i else None])
             meta.spills.extend(evicted)
             if not got:
                 raise CapacityError(f"host tier: no unpinned slot for a cold hit ({np.count_nonzero(index.pinned)} pinned)")
@@ -468,7 +518,9 @@ class _SchedulerSide:
         found = [get(k) for k in keys[st.num_saved : n_full]]
         new = [st.num_saved + j for j, s in enumerate(found) if s is None]
         if len(new) < len(found):
-            self._touched.append([s for s in found if s is not None])
+            hit = np.array([s for s in found if s is not None], dtype=np.int64)
+            self.index.pinned[hit] = True  # the step's inserts extend them: not victims of the same step
+            self._touched.append(hit)
         return st, new, [keys[i] for i in new], n_full
 
     def _plan_saves(self, unsaved: Sequence[tuple[_ReqState, list[int], list[bytes], int]]) -> BlockCopy | None:
@@ -480,18 +532,21 @@ class _SchedulerSide:
         bs, k = self.spec.block_size, self.per_host
         first: dict[bytes, int] = {}  # key -> its index in keys
         keys: list[bytes] = []
+        parents: list[bytes | None] = []
         src: list[tuple[_ReqState, int]] = []  # (request, host block index) each key is saved from
         refs: list[list[int]] = []
         for st, new, ks, _ in unsaved:
             r = []
+            chain = self._keys(st.request)
             for i, key in zip(new, ks):
                 j = first.setdefault(key, len(keys))
                 if j == len(keys):
                     keys.append(key)
+                    parents.append(chain[i - 1] if i else None)
                     src.append((st, i))
                 r.append(j)
             refs.append(r)
-        slots, evicted = self.index.insert(keys, [i * bs for _, i in src])
+        slots, evicted = self.index.insert(keys, [i * bs for _, i in src], parents)
         self._meta.spills.extend(evicted)
         fit = len(slots)
         for (st, new, _, n_full), r in zip(unsaved, refs):

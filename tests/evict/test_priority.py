@@ -94,7 +94,8 @@ def test_victims_match_sorted_reference(name, sort_at, ops, seed):
     """Same victims, in the same order, after any insert/access/remove/victims sequence;
     victims named and not removed (protected or asked twice) keep their place. With
     ``sort_at=4`` every ``victims(n >= 4)`` takes the partial-sort path (which drops the heap),
-    interleaved with heap calls for smaller ``n`` (which rebuild it)."""
+    interleaved with heap calls for smaller ``n`` (which rebuild it); a mask protecting most
+    resident blocks takes the partial-sort path with either setting."""
     info = _info(seed)
     policy = make_policy(name, info, **({"compute_throughput": THROUGHPUT} if name == "asym" else {}))
     policy.sort_victims_at = sort_at
@@ -125,8 +126,16 @@ def test_victims_match_sorted_reference(name, sort_at, ops, seed):
             resident = [b for b in resident if b not in gone]
         elif op in ("victims", "evict"):
             n = int(rng.integers(0, 7))
-            protected = rng.choice(resident, size=min(len(resident), int(rng.integers(0, 4))), replace=False).tolist() if resident else []
-            got = policy.victims(n, np.asarray(protected, dtype=np.int64) if protected else None).tolist()
+            # a few protected ids, or (as a bool mask, half the time) most of the resident blocks
+            many = bool(rng.integers(2)) and len(resident) > 0
+            size = int(rng.integers(len(resident) // 2, len(resident) + 1)) if many else int(rng.integers(0, 4))
+            protected = rng.choice(resident, size=min(len(resident), size), replace=False).tolist() if resident else []
+            if many:
+                mask = np.zeros(NUM_BLOCKS, dtype=np.bool_)
+                mask[protected] = True
+                got = policy.victims(n, mask).tolist()
+            else:
+                got = policy.victims(n, np.asarray(protected, dtype=np.int64) if protected else None).tolist()
             assert got == ref.victims(n, protected)
             if op == "evict":
                 policy.on_remove(got)

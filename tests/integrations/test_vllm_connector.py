@@ -413,3 +413,101 @@ def test_slots_saved_this_step_are_never_victims_of_the_same_step(policy):
     assert {side.index.slot_of[k] for k in fin} == fin_slots
     assert set(meta.finished_saves["fin"].slots.tolist()) == fin_slots
     assert len(meta.saves) == 6 and not fin_slots & set(meta.saves.slots.tolist())
+
+
+def _tree_invariants(index, parent_key: dict) -> None:
+    """The host index's prefix tree: parent links point at resident slots holding the parent
+    key, child counts match the links, and (no slot was lost) no resident block is orphaned."""
+    resident = [s for s, k in enumerate(index.key_of) if k is not None]
+    for s in resident:
+        p = int(index.parent[s])
+        want = parent_key[index.key_of[s]]
+        if want is None:
+            assert p == -1
+        else:
+            assert p >= 0 and index.key_of[p] == want, "a cached block whose prefix is not cached"
+        assert index.children[s] == sum(1 for t in resident if index.parent[t] == s)
+    assert all(index.children[s] == 0 and index.parent[s] == -1 for s, k in enumerate(index.key_of) if k is None)
+
+
+@pytest.mark.parametrize("policy", ["asym", "lru", "arc", "gdsf"])
+def test_leaves_only_keeps_every_cached_block_reachable(policy):
+    """Requests over a few shared prefixes, several per step, into a tier far smaller than their
+    blocks: the host tier evicts from the leaves of its prefix tree only, so every cached block's
+    whole prefix stays cached (vLLM could load it), and the tree's links stay exact."""
+    side = _tiny_side(policy, 12)
+    rng = np.random.default_rng(7)
+    parent_key: dict[bytes, bytes | None] = {}
+    evicted = 0
+    for step in range(30):
+        new_reqs, scheduled = [], {}
+        for r in range(3):
+            trunk = int(rng.integers(3))
+            ids = [1000 * trunk + j for j in range(int(rng.integers(1, 5)))]  # a shared trunk
+            ids += [100_000 + 10 * (3 * step + r) + j for j in range(int(rng.integers(1, 4)))]  # its own tail
+            hashes = [_key8(i) for i in ids]
+            for j, h in enumerate(hashes):
+                parent_key.setdefault(h, hashes[j - 1] if j else None)
+            _, entry, n = _admit(side, f"s{step}r{r}", hashes, 20 * r)
+            new_reqs.append(entry)
+            scheduled[entry.req_id] = n
+        meta = side.build_connector_meta(_step(new_reqs, scheduled))
+        side.reqs.clear()
+        evicted += len(meta.spills)
+        _tree_invariants(side.index, parent_key)
+    assert evicted > 0 or len(side.index.pool.owner) == 0
+    assert side.index.pool.num_free == 0  # the tier ran full: evictions happened every step
+
+
+def test_any_block_may_go_without_leaves_only_and_lost_inner_blocks_orphan_their_children():
+    """leaves_only=False (the multi-segment view): asym takes the cheap head of a prefix and leaves
+    its tail cached but unreachable. A lost inner slot (the worker reports it) unlinks its children."""
+    from kvstore.evict.cost import CostModel
+    from kvstore.integrations.vllm import KVStoreConnectorConfig, _SchedulerSide
+    from kvstore.spec import KVSpec
+
+    spec = KVSpec.preset("tiny")
+    cfg = KVStoreConnectorConfig(host_blocks=4, policy="asym", leaves_only=False)
+    side = _SchedulerSide(cfg, spec, spec.block_size, CostModel.preset("tiny"))
+    chain = [_key8(j) for j in range(4)]
+    _, a, n = _admit(side, "a", chain, 0)
+    side.build_connector_meta(_step([a], {"a": n}))
+    _, b, n = _admit(side, "b", [_key8(99)], 10)
+    meta = side.build_connector_meta(_step([b], {"b": n}))
+    assert [k for _, k in meta.spills] == [chain[0]]  # the head: cheapest to recompute on its own
+    assert side.index.match(chain) == (0, 0) and len(side.index) == 4  # blocks 1-3 cached, none loadable
+
+    side = _tiny_side("lru", 8)  # leaves_only
+    _, a, n = _admit(side, "a", chain, 0)
+    side.build_connector_meta(_step([a], {"a": n}))
+    index = side.index
+    inner, child = index.slot_of[chain[1]], index.slot_of[chain[2]]
+    assert index.children[inner] == 1 and index.parent[child] == inner
+    index.remove([inner])
+    assert index.parent[child] == -1 and index.children[inner] == 0 and chain[1] not in index.slot_of
+
+
+@pytest.mark.parametrize("policy", ["lru", "asym"])
+def test_a_block_the_step_extends_is_not_its_victim(policy):
+    """vLLM's GPU prefix cache computed a request's first block; the host tier holds that block
+    as a leaf and is full. Saving the request's second block must not evict the first (it would
+    cache a block whose prefix is gone): the step pins the blocks it extends. (asym scores the
+    first block lowest even after the read: its recompute is the cheapest.)"""
+    from types import SimpleNamespace
+
+    side = _tiny_side(policy, 3)
+    x0, x1, y0, y1 = _key8(1), _key8(2), _key8(10), _key8(11)
+    for rid, hashes in (("p", [x0]), ("q", [y0, y1]), ("q2", [y0, y1]), ("q3", [y0, y1])):  # y read 3 times
+        _, entry, n = _admit(side, rid, hashes, 0)
+        side.build_connector_meta(_step([entry], {rid: n}))
+        side.reqs.clear()
+    bs = side.spec.block_size
+    n = 2 * bs + 1
+    req = SimpleNamespace(request_id="r", block_hashes=[x0, x1], num_tokens=n, num_prompt_tokens=n, num_computed_tokens=bs)
+    ext, _ = side.get_num_new_matched_tokens(req, bs)  # the GPU cache holds x0: nothing to load
+    assert ext == 0
+    side.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([5, 6, 7],)), 0)
+    meta = side.build_connector_meta(_step([SimpleNamespace(req_id="r", block_ids=([5, 6, 7],), num_computed_tokens=bs)], {"r": n - bs}))
+    assert [k for _, k in meta.spills] == [y1]  # the only other leaf
+    index = side.index
+    assert index.parent[index.slot_of[x1]] == index.slot_of[x0]
