@@ -1055,7 +1055,9 @@ class KVStoreCachePolicy(CachePolicy):
         self._note_positions(keys, req_context)
 
     def touch(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
-        ids = [self._id[k] for k in self._note_positions(keys, req_context) if k in self._id]
+        # vLLM passes a request's keys head to tail; as vLLM's own LRU does, the head is read last
+        # (most recent), so recency evicts a prefix from its tail and never strands the rest.
+        ids = [self._id[k] for k in reversed(self._note_positions(keys, req_context)) if k in self._id]
         if ids:
             self._clock += 1
             self.info.last_access[ids] = self._clock

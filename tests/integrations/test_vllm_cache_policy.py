@@ -37,7 +37,8 @@ def test_unknown_policy_named():
 
 
 def test_lru_adapter_matches_vllm_lru():
-    """Same calls to kvstore's LRU (through the adapter) and vLLM's LRU: same victims."""
+    """Same calls to kvstore's LRU (through the adapter) and vLLM's LRU: same victims, down to
+    the last chunk (a touched prefix is read head last: its tail goes first)."""
     ours = CachePolicyFactory.get_cache_policy_cls("kvstore_lru", MODULE)(cache_capacity=8)
     ref = CachePolicyFactory.get_cache_policy_cls("lru")(cache_capacity=8)
     ctx = ReqContext(req_id="r")
@@ -46,10 +47,11 @@ def test_lru_adapter_matches_vllm_lru():
             c = ChunkStatus(i)
             c.ref_cnt = 0
             pol.insert(key(i), c)
-        pol.touch([key(1), key(3)], ctx)
-    for n, protected in [(1, set()), (2, {key(2)}), (1, set())]:
+        pol.touch([key(1), key(3), key(4)], ctx)
+    for n, protected in [(1, set()), (2, {key(2)}), (1, set()), (2, set())]:
         a, b = ours.evict(n, protected), ref.evict(n, protected)
         assert [k for k, _ in a] == [k for k, _ in b]
+    assert not ours.chunks and ref.get(key(1)) is None  # all six went, in the same order
 
 
 def test_adapter_skips_busy_and_is_atomic():
