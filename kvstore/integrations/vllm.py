@@ -999,6 +999,12 @@ class KVStoreCachePolicy(CachePolicy):
     request context), ``recompute_cost`` its recompute FLOPs there, ``reload_cost`` infinite
     (a CPU chunk has no copy below). Chunks that are in use (``ref_cnt != 0``) or protected
     are never victims. Subclasses (see :func:`cache_policy_class`) fix the policy name.
+
+    vLLM's offloading lookup, like the connector's, loads a prefix only up to its first missing
+    chunk, so the adapter keeps the prefix tree of its chunks and evicts from its leaves only (as
+    the connector's host tier does; a cost-aware policy would otherwise take a prefix's cheap head
+    and strand the rest). Links are learned from the head-to-tail key lists vLLM passes with a
+    request context: consecutive keys whose positions both are known and increase.
     """
 
     policy_name: str = ""
@@ -1015,14 +1021,32 @@ class KVStoreCachePolicy(CachePolicy):
         self._positions: dict[OffloadKey, int] = {}
         self._busy: set[int] = set()  # ids of chunks with ref_cnt != 0 (being written or read)
         self._clock = 0
+        self._parent_key: dict[OffloadKey, OffloadKey] = {}  # chunk -> the chunk it extends
+        self._parent = np.full(self.info.capacity, -1, dtype=np.int64)  # by id: the parent's id, -1: none resident
+        self._children = np.zeros(self.info.capacity, dtype=np.int64)  # by id: resident chunks extending it
+
+    def _reserve(self, bid: int) -> None:
+        self.info.reserve(bid + 1)
+        if self._parent.size < self.info.capacity:
+            grow = self.info.capacity - self._parent.size
+            self._parent = np.concatenate([self._parent, np.full(grow, -1, dtype=np.int64)])
+            self._children = np.concatenate([self._children, np.zeros(grow, dtype=np.int64)])
+
+    def _link(self, child: int, parent: int) -> None:
+        if self._parent[child] == -1:
+            self._parent[child] = parent
+            self._children[parent] += 1
 
     def get(self, key: OffloadKey) -> ChunkStatus | None:
         return self.chunks.get(key)
 
     def insert(self, key: OffloadKey, chunk: ChunkStatus) -> None:
         bid = self._free.pop() if self._free else len(self._id)
-        self.info.reserve(bid + 1)
+        self._reserve(bid)
         self.chunks[key], self._id[key], self._key[bid] = chunk, bid, key
+        parent = self._id.get(self._parent_key.get(key))
+        if parent is not None:
+            self._link(bid, parent)
         pos = self._positions.pop(key, 0)
         self._clock += 1
         info = self.info
@@ -1039,16 +1063,30 @@ class KVStoreCachePolicy(CachePolicy):
         bid = self._id.pop(key)
         del self._key[bid]
         self._busy.discard(bid)
+        self._parent_key.pop(key, None)
+        if (p := self._parent[bid]) >= 0:
+            self._children[p] -= 1
+        if self._children[bid]:  # its children now extend nothing resident
+            self._parent[self._parent == bid] = -1
+        self._parent[bid], self._children[bid] = -1, 0
         self.policy.on_remove([bid])
         self.info.reset(np.asarray([bid]))
         self._free.append(bid)
 
     def _note_positions(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> list[OffloadKey]:
+        """Record the positions of ``keys`` (head to tail) and the links between consecutive ones."""
         keys = list(keys)
+        prev_key, prev_pos = None, None
         for k in keys:
             pos = req_context.get_offload_key_position(k)
             if pos is not None:
                 self._positions[k] = pos
+                if prev_pos is not None and prev_pos < pos:
+                    self._parent_key[k] = prev_key
+                    child, parent = self._id.get(k), self._id.get(prev_key)
+                    if child is not None and parent is not None:
+                        self._link(child, parent)
+            prev_key, prev_pos = k, pos
         return keys
 
     def on_store_miss(self, keys: Iterable[OffloadKey], req_context: ReqContext) -> None:
@@ -1067,11 +1105,22 @@ class KVStoreCachePolicy(CachePolicy):
     def evict(self, n: int, protected: set[OffloadKey]) -> list[tuple[OffloadKey, ChunkStatus]] | None:
         if n == 0:
             return []
-        skip = self._busy.union(self._id[k] for k in protected if k in self._id)
-        victims = self.policy.victims(n, np.fromiter(skip, np.int64, len(skip)) if skip else None)
-        if victims.size < n:
-            return None
-        out = [(self._key[b], self.chunks[self._key[b]]) for b in victims.tolist()]
+        skip = np.zeros(self.info.capacity, dtype=np.bool_)
+        skip[list(self._busy.union(self._id[k] for k in protected if k in self._id))] = True
+        # leaves only, in rounds: a chunk whose children are all chosen is a leaf of the next round
+        children = self._children.copy()
+        chosen: list[int] = []
+        while len(chosen) < n:
+            got = self.policy.victims(n - len(chosen), skip | (children > 0))
+            if got.size == 0:
+                break
+            chosen += got.tolist()
+            skip[got] = True
+            up = self._parent[got]
+            np.subtract.at(children, up[up >= 0], 1)
+        if len(chosen) < n:
+            return None  # nothing removed: atomic
+        out = [(self._key[b], self.chunks[self._key[b]]) for b in chosen]
         for key, _ in out:
             self.remove(key)
         return out
@@ -1086,6 +1135,7 @@ class KVStoreCachePolicy(CachePolicy):
         for key in list(self.chunks):
             self.remove(key)
         self._positions.clear()
+        self._parent_key.clear()
 
 
 @cache

@@ -69,7 +69,32 @@ def test_adapter_skips_busy_and_is_atomic():
     assert pol.evict(4, set()) is None and all(pol.get(key(i)) is not None for i in range(3))  # atomic
     assert pol.info.position[[0, 1, 2]].tolist() == [16, 32, 48]
     (victim, chunk), = pol.evict(1, {key(0)})
-    assert victim == key(1) and chunk.chunk_id == 1  # asym: the cheaper (earlier) unprotected chunk
-    assert pol.get(key(1)) is None
+    assert victim == key(2) and chunk.chunk_id == 2  # the chain 0 -> 1 -> 2: only its tail is a leaf
+    assert pol.get(key(2)) is None
     pol.clear()
     assert pol.get(key(0)) is None
+
+
+def test_adapter_evicts_prefix_leaves_in_rounds_and_stays_atomic():
+    """Two chains (a: 4 chunks, b: 2 chunks) learned from head-to-tail key lists. asym alone would
+    take the cheapest chunks (the heads) first; the adapter takes leaves only, round by round (a
+    chunk whose children all went is a leaf of the next round), and a request for more than can
+    go changes nothing."""
+    pol = cache_policy_class("asym")(cache_capacity=8)
+    ctx = ReqContext(req_id="r")
+    a, b = [key(i) for i in range(4)], [key(10 + i) for i in range(2)]
+    for chain in (a, b):
+        for j, k in enumerate(chain):
+            ctx.set_offload_key_position(k, (j + 1) * 16)
+        pol.on_store_miss(chain, ctx)
+    for i, k in enumerate(a + b):
+        c = ChunkStatus(i)
+        c.ref_cnt = 0
+        pol.insert(k, c)
+    pol.touch(b, ctx)  # b read again: its chunks outrank a's
+    assert pol.evict(7, set()) is None and len(pol.chunks) == 6  # only 6 exist: atomic
+    assert pol.evict(6, {b[0]}) is None and len(pol.chunks) == 6  # b[0] protected: 5 can go
+    got = [k for k, _ in pol.evict(5, set())]
+    assert sorted(got) == sorted(a[1:] + b) and list(pol.chunks) == [a[0]]
+    assert got.index(a[3]) < got.index(a[2]) < got.index(a[1]) and got.index(b[1]) < got.index(b[0])  # tails first
+    assert got[:2] == [a[3], b[1]]  # round 1: the two leaves, a's first (b was read again)
