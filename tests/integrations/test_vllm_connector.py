@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 pytest.importorskip("vllm")
@@ -511,3 +513,64 @@ def test_a_block_the_step_extends_is_not_its_victim(policy):
     assert [k for _, k in meta.spills] == [y1]  # the only other leaf
     index = side.index
     assert index.parent[index.slot_of[x1]] == index.slot_of[x0]
+
+
+def _links_exact(index) -> None:
+    """Parent links point at resident slots, child counts match them, free slots are unlinked."""
+    resident = [s for s, k in enumerate(index.key_of) if k is not None]
+    counts = np.zeros(len(index.key_of), dtype=np.int64)
+    for s in resident:
+        p = int(index.parent[s])
+        if p >= 0:
+            assert index.key_of[p] is not None
+            counts[p] += 1
+    assert (index.children == counts).all()
+    assert all(index.parent[s] == -1 for s, k in enumerate(index.key_of) if k is None)
+    assert len(index.slot_of) == len(resident) and all(index.key_of[s] == k for k, s in index.slot_of.items())
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["admit", "admit", "finish", "lose"]), st.integers(0, 2**31)), min_size=1, max_size=25),
+       policy=st.sampled_from(["asym", "lru", "s3fifo"]))
+def test_host_index_prefix_tree_under_any_sequence(ops, policy):
+    """Admissions (several per step, shared trunks), finished requests saving their decode blocks
+    and slots the worker reports lost, in any order: the index stays a bijection, its tree links
+    stay exact, pins are cleared with each step's metadata, and no block that a cached block
+    extends is ever evicted (its successor would be stranded)."""
+    from types import SimpleNamespace
+
+    side = _tiny_side(policy, 10)
+    index, bs = side.index, side.spec.block_size
+    live: dict[str, SimpleNamespace] = {}
+    for n_op, (op, seed) in enumerate(ops):
+        rng = np.random.default_rng(seed)
+        if op == "admit":
+            new_reqs, scheduled = [], {}
+            for r in range(int(rng.integers(1, 3))):
+                trunk = int(rng.integers(2))
+                ids = [1000 * trunk + j for j in range(int(rng.integers(1, 4)))] + [10_000 * (n_op + 1) + 10 * r + j for j in range(int(rng.integers(0, 3)))]
+                rid = f"{n_op}.{r}"
+                req, entry, n = _admit(side, rid, [_key8(i) for i in ids], 20 * r)
+                new_reqs.append(entry)
+                scheduled[rid] = n
+                live[rid] = req
+            children_of: dict[bytes, list[bytes]] = {}
+            for k, s in index.slot_of.items():
+                if index.parent[s] >= 0:
+                    children_of.setdefault(index.key_of[index.parent[s]], []).append(k)
+            meta = side.build_connector_meta(_step(new_reqs, scheduled))
+            order = [k for _, k in meta.spills]
+            for k in order:  # a block goes only after every block extending it (tails first)
+                assert all(c in order and order.index(c) < order.index(k) for c in children_of.get(k, [])), "stranded a cached block"
+            assert not index.pinned.any()
+        elif op == "finish" and live:
+            rid = sorted(live)[int(rng.integers(len(live)))]
+            req = live.pop(rid)
+            extra = [_key8(-(n_op * 10 + j + 1)) for j in range(int(rng.integers(1, 3)))]  # decode blocks
+            req.block_hashes = req.block_hashes + extra
+            req.num_computed_tokens = req.num_tokens = len(req.block_hashes) * bs
+            side.request_finished(req, list(range(len(req.block_hashes))))
+        elif op == "lose" and len(index):
+            resident = sorted(index.slot_of.values())
+            side.update_connector_output(SimpleNamespace(kv_connector_worker_meta=SimpleNamespace(lost_slots={resident[int(rng.integers(len(resident)))]})))
+        _links_exact(index)
