@@ -54,8 +54,9 @@ __all__ = [
 
 def as_block_array(blocks: Iterable[int] | np.ndarray) -> np.ndarray:
     """``blocks`` as a 1-D int64 numpy array (no copy when it already is one)."""
-    arr = np.asarray(blocks, dtype=np.int64)
-    return arr.reshape(-1)
+    if type(blocks) is np.ndarray and blocks.dtype == np.int64 and blocks.ndim == 1:
+        return blocks
+    return np.asarray(blocks, dtype=np.int64).reshape(-1)
 
 
 def as_block_list(blocks: Iterable[int] | np.ndarray) -> list[int]:

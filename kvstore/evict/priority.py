@@ -133,17 +133,24 @@ class PriorityPolicy(EvictionPolicy):
         ticks = np.arange(self._tick + 1, self._tick + 1 + n, dtype=np.int64)
         self._tick += n
         # an insertion, or a priority that went down, needs a heap entry now (see the docstring)
-        eager = ~live if not hit else ~live | (prio < self._prio[arr])
+        all_live = bool(live.all())
+        if hit:
+            eager = prio < self._prio[arr]
+            if not all_live:
+                eager |= ~live
         self._prio[arr] = prio
         self._stamp[arr] = ticks
-        if not live.all():
+        if not all_live:
             fresh = arr[~live]
             self._num_live += len(set(fresh.tolist())) if fresh.size > 1 else 1
             self._live[fresh] = True
-        if self._heap is None or (hit and not eager.any()):
-            return  # no heap to keep (the next heap victims rebuilds it), or nothing to push
-        if not eager.all():
-            arr, prio, ticks = arr[eager], prio[eager], ticks[eager]
+        if self._heap is None:
+            return  # no heap kept: the next heap victims rebuilds it from the arrays
+        if hit:  # an insertion pushes every entry (re-inserting a resident block may lower it)
+            if not eager.any():
+                return
+            if not eager.all():
+                arr, prio, ticks = arr[eager], prio[eager], ticks[eager]
         self._pushed[arr] = ticks
         self._pending += zip(prio.tolist(), ticks.tolist(), arr.tolist())
         if len(self._heap) + len(self._pending) > 2 * self._num_live + 4096:
