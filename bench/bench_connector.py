@@ -13,6 +13,11 @@ pinned by the step's loads. That is the steady state of a serving host tier, whe
 step's admissions evict. Worker side: save
 then load of ``--copy-blocks`` vLLM blocks between per-layer KV caches in vLLM's layout and the host pool,
 against a plain ``copy_`` of the same bytes.
+
+Hit rate (``--trace PATH``): a Mooncake trace replayed through the scheduler side, one request
+per step with no GPU prefix cache above the host tier, for each of ``--trace-policies`` with
+and without ``leaves_only``: the host tier's prefix hit ratio and the prefill FLOPs left to
+compute (what vLLM recomputes from each request's first missing block on).
 """
 
 from __future__ import annotations
