@@ -574,3 +574,23 @@ def test_host_index_prefix_tree_under_any_sequence(ops, policy):
             resident = sorted(index.slot_of.values())
             side.update_connector_output(SimpleNamespace(kv_connector_worker_meta=SimpleNamespace(lost_slots={resident[int(rng.integers(len(resident)))]})))
         _links_exact(index)
+
+
+@pytest.mark.parametrize("capacity", [24, 27, 48])
+def test_scheduler_side_lru_hits_equal_the_replay_simulators(capacity):
+    """The Mooncake test trace through the connector's scheduler side (bench connector --trace)
+    and through kvstore's replay simulator, both LRU over the same capacity: the host tier's
+    prefix hit ratio equals the simulator's, request for request in total. Two independent
+    implementations of the same cache agree."""
+    from pathlib import Path
+
+    from kvstore._locate import import_bench
+    from kvstore.evict.replay import ReplayConfig, replay
+    from kvstore.evict.trace import load_mooncake
+
+    trace = load_mooncake(Path(__file__).parents[1] / "evict" / "data" / "tiny_mooncake.jsonl")
+    ours = import_bench("bench_connector").trace_hits(trace, "lru", capacity, leaves_only=False)
+    sim = replay(trace, "lru", ReplayConfig(capacity_blocks=capacity))
+    assert 0 < ours["prefix_hit_ratio"] == sim.prefix_hit_ratio < 1
+    leaves = import_bench("bench_connector").trace_hits(trace, "lru", capacity, leaves_only=True)
+    assert 0 < leaves["prefix_hit_ratio"] and leaves["prefill_tflops"] > 0
