@@ -48,6 +48,7 @@ __all__ = [
     "first_unprotected",
     "protected_ids",
     "protected_at",
+    "is_protection_mask",
     "OfflinePolicy",
 ]
 
@@ -66,7 +67,8 @@ def as_block_list(blocks: Iterable[int] | np.ndarray) -> list[int]:
     return as_block_array(blocks).tolist()
 
 
-def _is_mask(protected) -> bool:
+def is_protection_mask(protected) -> bool:
+    """``protected`` is the bool-mask form (a 1-D bool numpy array indexed by block id)."""
     return isinstance(protected, np.ndarray) and protected.dtype == np.bool_
 
 
@@ -89,7 +91,7 @@ def protected_ids(protected) -> Container[int]:
     O(len) for ids (a set)."""
     if protected is None:
         return frozenset()
-    if _is_mask(protected):
+    if is_protection_mask(protected):
         return _MaskIds(protected)
     return set(as_block_list(protected))
 
@@ -98,7 +100,7 @@ def protected_at(blocks: np.ndarray, protected) -> np.ndarray:
     """Which of ``blocks`` (``[n]`` int64) are protected: ``[n]`` bool."""
     if protected is None:
         return np.zeros(blocks.size, dtype=np.bool_)
-    if _is_mask(protected):
+    if is_protection_mask(protected):
         inside = blocks < protected.size
         out = np.zeros(blocks.size, dtype=np.bool_)
         out[inside] = protected[blocks[inside]]
@@ -118,7 +120,7 @@ def first_unprotected(order: Iterable[int], n: int, protected=None) -> np.ndarra
         return np.zeros(0, dtype=np.int64)
     if protected is None:
         return np.fromiter(islice(order, n), dtype=np.int64)
-    if not _is_mask(protected):
+    if not is_protection_mask(protected):
         skip = protected_ids(protected)
         return np.fromiter(islice((b for b in order if b not in skip), n), dtype=np.int64)
     it, found, want, chunk = iter(order), [], n, n

@@ -42,7 +42,7 @@ from functools import partial
 
 import numpy as np
 
-from kvstore.evict.base import EvictionPolicy, _is_mask, as_block_array, protected_at, protected_ids
+from kvstore.evict.base import EvictionPolicy, is_protection_mask, as_block_array, protected_at, protected_ids
 
 Entry = tuple[float, int, int]
 
@@ -203,7 +203,7 @@ class PriorityPolicy(EvictionPolicy):
         """A protection mask covering at least 1/8 of the live blocks (the owner protects every
         inner block of a prefix tree, say): popping would wade through protected entries, and
         re-push each at every call."""
-        return _is_mask(protected) and 8 * int(np.count_nonzero(protected)) >= self._num_live > 0
+        return is_protection_mask(protected) and 8 * int(np.count_nonzero(protected)) >= self._num_live > 0
 
     def _victims_by_sort(self, n: int, protected) -> np.ndarray:
         """The ``n`` smallest current entries by a partial sort of the arrays: O(ids), no heap
