@@ -38,6 +38,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity-blocks", default="0.1", help="comma-separated device capacities: block counts (18279) or fractions of the unique blocks (0.1)")
     parser.add_argument("--host-blocks", default="0", help="host tier capacity: blocks or a fraction of the unique blocks (0: no host tier)")
     parser.add_argument("--host-policy", default="lru", help="host tier policy")
+    parser.add_argument("--leaves-only", action="store_true",
+                        help="the device tier evicts only blocks no resident block extends (vLLM's prefix-tree eviction)")
     parser.add_argument("--semantics", default="multi-segment", choices=SEMANTICS, help="recovery semantics of recompute_tflops in the table and JSON")
     parser.add_argument("--model", default="llama3-8b", choices=sorted(MODEL_COSTS), help="model whose KV bytes and FLOPs are costed")
     parser.add_argument("--compute-tflops", type=float, default=400.0, help="prefill/recompute throughput for TTFT (TFLOP/s)")
@@ -150,7 +152,8 @@ def main(args: argparse.Namespace) -> int:
 
     results: list[ReplayResult] = []
     for cap in capacities:
-        config = ReplayConfig(capacity_blocks=cap, host_blocks=host_blocks, host_policy=args.host_policy, model=args.model, cost=cost)
+        config = ReplayConfig(capacity_blocks=cap, host_blocks=host_blocks, host_policy=args.host_policy, model=args.model, cost=cost,
+                              leaves_only=args.leaves_only)
         for name in policies:
             results.append(replay(trace, name, config, policy_kwargs=_policy_kwargs(name, cost), progress=progress))
 

@@ -39,7 +39,7 @@ from kvstore.evict.cost import CostModel
 from kvstore.evict.trace import Trace
 from kvstore.spec import KVSpec
 
-__all__ = ["ReplayConfig", "ReplayResult", "SemanticsCost", "SEMANTICS", "replay", "block_info"]
+__all__ = ["ReplayConfig", "ReplayResult", "SemanticsCost", "SEMANTICS", "replay", "block_info", "prefix_parents"]
 
 #: recovery semantics, in the order they are reported
 SEMANTICS = ("multi-segment", "prefix")
@@ -58,6 +58,11 @@ class ReplayConfig:
         model: KVSpec / CostModel preset giving bytes per token and recompute FLOPs.
         cost: the cost model (default: ``CostModel.preset(model)``); its ``compute_throughput``
             and ``reload_bandwidth`` also set the TTFT estimate.
+        leaves_only: the device tier evicts only blocks that no resident block extends (block
+            ``i`` of a request extends block ``i - 1``), as vLLM's prefix caches and kvstore's
+            connector do: no resident block is ever cut off from its prefix, so a prefix lookup
+            reads every resident block. Victims are taken leaf by leaf in rounds (a block whose
+            children all went is a leaf of the next round). Device tier only (no host tier).
     """
 
     capacity_blocks: int
@@ -65,6 +70,7 @@ class ReplayConfig:
     host_policy: str = "lru"
     model: str = "llama3-8b"
     cost: CostModel | None = None
+    leaves_only: bool = False
 
     def __post_init__(self) -> None:
         for name in ("capacity_blocks", "host_blocks"):
@@ -72,6 +78,10 @@ class ReplayConfig:
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (1 if name == "capacity_blocks" else 0):
                 raise ConfigError(f"ReplayConfig.{name} must be an int >= {1 if name == 'capacity_blocks' else 0}, got {v!r}")
         KVSpec.preset(self.model)  # raises ConfigError naming the known presets
+        if not isinstance(self.leaves_only, bool):
+            raise ConfigError(f"ReplayConfig.leaves_only must be a bool, got {self.leaves_only!r}")
+        if self.leaves_only and self.host_blocks:
+            raise ConfigError(f"ReplayConfig.leaves_only supports the device tier only, got host_blocks={self.host_blocks}")
         if self.cost is None:
             object.__setattr__(self, "cost", CostModel.preset(self.model))
 
@@ -167,6 +177,16 @@ class ReplayResult:
         }
 
 
+def prefix_parents(trace: Trace) -> np.ndarray:
+    """``[num_unique_blocks]`` the block each block extends in the request that first reads it
+    (its predecessor there), -1 for a request's first block."""
+    prev = np.empty_like(trace.blocks)
+    prev[0] = -1
+    prev[1:] = trace.blocks[:-1]
+    prev[trace.offsets[:-1][np.diff(trace.offsets) > 0]] = -1  # each request's first read
+    return prev[trace.first_read]
+
+
 def block_info(trace: Trace, config: ReplayConfig) -> BlockInfo:
     """The BlockInfo of a trace's blocks: owner = first request, position, tokens, bytes and
     both costs filled (``reload_cost`` is inf without a host tier: nothing to reload from);
@@ -187,12 +207,39 @@ class _Tiers:
     """The replay loop's state: per-block tier (in ``info.tier``), the policies, fill counts."""
 
     def __init__(self, info: BlockInfo, device: EvictionPolicy, host: EvictionPolicy | None,
-                 config: ReplayConfig) -> None:
+                 config: ReplayConfig, parent: np.ndarray | None = None) -> None:
         self.info = info
         self.tier = info.tier
         self.device, self.host = device, host
         self.dev_free = config.capacity_blocks
         self.host_free = config.host_blocks
+        # leaves_only: parent[b] = the block b extends (-1: none); children[b] = resident blocks extending b
+        self.parent = parent
+        self.children = np.zeros(info.capacity, dtype=np.int64) if parent is not None else None
+
+    def _device_victims(self, need: int, protected: np.ndarray) -> np.ndarray:
+        """``need`` device victims, none of ``protected``; with leaves_only, leaves only, in rounds
+        (each round's victims leave the tier before the next round is asked)."""
+        if self.parent is None:
+            victims = self.device.victims(need, protected)
+            self.device.on_remove(victims)
+            return victims
+        mask = self.children > 0
+        mask[protected] = True
+        rounds = []
+        while need > 0:
+            got = self.device.victims(need, mask)
+            if got.size == 0:
+                break
+            self.device.on_remove(got)
+            up = self.parent[got]
+            up = up[up >= 0]
+            np.subtract.at(self.children, up, 1)
+            mask[up] = self.children[up] > 0
+            mask[protected] = True
+            rounds.append(got)
+            need -= got.size
+        return np.concatenate(rounds) if rounds else np.zeros(0, dtype=np.int64)
 
     def admit(self, blocks: np.ndarray, protected: np.ndarray) -> bool:
         """Bring non-resident or host-resident ``blocks`` onto the device, evicting (none of
@@ -205,13 +252,12 @@ class _Tiers:
                 self.host_free += loaded.size
         need = blocks.size - self.dev_free
         if need > 0:
-            victims = self.device.victims(need, protected)
+            victims = self._device_victims(need, protected)
             if victims.size != need:
                 raise CapacityError(
                     f"device policy {self.device.name!r} named {victims.size} victims, {need} needed "
                     f"({blocks.size} blocks to insert, {protected.size} protected)"
                 )
-            self.device.on_remove(victims)
             self.dev_free += need
             if host is None:
                 self._drop(victims)
@@ -219,6 +265,9 @@ class _Tiers:
                 self._demote(victims, protected)
         tier[blocks] = DEVICE
         self.dev_free -= blocks.size
+        if self.parent is not None:
+            up = self.parent[blocks]
+            np.add.at(self.children, up[up >= 0], 1)
         self.device.on_insert(blocks)
         return need > 0
 
@@ -265,7 +314,7 @@ def replay(trace: Trace, policy: str | EvictionPolicy, config: ReplayConfig, *,
     for p in (device, host):
         if p is not None and p.offline:
             p.prepare(trace)
-    tiers = _Tiers(info, device, host, config)
+    tiers = _Tiers(info, device, host, config, prefix_parents(trace) if config.leaves_only else None)
     status = _run(trace, tiers, progress)
     return _account(trace, info, config, status, device.name or type(device).__name__, time.perf_counter() - t0)
 

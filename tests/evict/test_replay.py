@@ -177,3 +177,33 @@ def test_recompute_flops_formula_matches_per_token_sum():
     brute = sum(m.linear_flops_per_token + m.attention_flops_per_token_position * t for t in range(p, p + n))
     assert float(cost.recompute_flops(p, n)) == pytest.approx(brute, rel=1e-12)
     assert float(cost.recompute_flops(2 * p, n)) > float(cost.recompute_flops(p, n))  # late blocks cost more
+
+
+def test_prefix_parents_link_each_block_to_its_predecessor():
+    from kvstore.evict.replay import prefix_parents
+
+    trace = Trace.from_requests([[5, 6, 7], [5, 6, 8], [9], [5, 10]], block_tokens=16)
+    parent = prefix_parents(trace)
+    ids = {int(b): i for i, b in enumerate(trace.block_ids)}  # original id -> dense index
+    want = {5: None, 6: 5, 7: 6, 8: 6, 9: None, 10: 5}
+    for b, p in want.items():
+        assert parent[ids[b]] == (-1 if p is None else ids[p])
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31), extra=st.integers(0, 30), policy=st.sampled_from(["lru", "asym", "gdsf", "arc", "s3fifo", "belady"]))
+def test_leaves_only_never_cuts_a_resident_block_off_its_prefix(seed, extra, policy):
+    """With the device tier evicting leaves only, every resident block's prefix is resident, so a
+    prefix lookup reaches every hit: prefix hits equal block hits, for any policy."""
+    trace = Trace.from_requests(_prefix_requests(seed, 40), block_tokens=16)
+    capacity = trace.max_request_blocks + extra
+    r = replay(trace, policy, ReplayConfig(capacity_blocks=capacity, model="tiny", leaves_only=True))
+    assert r.prefix_hits == r.device_hits
+    assert r.costs["prefix"].recompute_flops == pytest.approx(r.costs["multi-segment"].recompute_flops)
+
+
+def test_leaves_only_config_errors():
+    with pytest.raises(ConfigError, match="device tier only"):
+        ReplayConfig(capacity_blocks=8, host_blocks=4, leaves_only=True)
+    with pytest.raises(ConfigError, match="leaves_only"):
+        ReplayConfig(capacity_blocks=8, leaves_only="yes")
