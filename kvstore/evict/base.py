@@ -46,6 +46,7 @@ __all__ = [
     "as_block_array",
     "as_block_list",
     "first_unprotected",
+    "leaf_victims",
     "protected_ids",
     "protected_at",
     "is_protection_mask",
@@ -106,6 +107,42 @@ def protected_at(blocks: np.ndarray, protected) -> np.ndarray:
         out[inside] = protected[blocks[inside]]
         return out
     return np.isin(blocks, as_block_array(protected))
+
+
+def leaf_victims(
+    policy: "EvictionPolicy", n: int, protected: np.ndarray, parent: np.ndarray, children: np.ndarray,
+    take: Callable[[np.ndarray], None] | None = None,
+) -> np.ndarray:
+    """Up to ``n`` victims of ``policy`` among the leaves of a prefix tree, best first.
+
+    A prefix cache (vLLM's, or a tier beneath it) loads a prefix only up to its first missing
+    block, so it may evict only blocks that no resident block extends. ``parent[b]`` is the
+    block ``b`` extends (-1: none), ``children[b]`` how many resident blocks extend ``b``,
+    ``protected`` a bool mask of blocks that may not go. The victims come in rounds: each
+    round asks ``policy.victims`` among the current unprotected leaves, and a block whose
+    children all went is a leaf of the next round.
+
+    ``take(got)``, when given, removes a round's victims before the next round (the owner's
+    eviction: it tells the policy and decrements ``children`` in place). Without it nothing
+    changes: the victims are only named (the rounds run on copies), for callers that must
+    decide atomically.
+    """
+    if take is None:
+        protected, children = protected.copy(), children.copy()
+    rounds: list[np.ndarray] = []
+    while n > 0:
+        got = policy.victims(n, protected | (children > 0))
+        if got.size == 0:
+            break
+        rounds.append(got)
+        n -= got.size
+        if take is not None:
+            take(got)
+        else:
+            protected[got] = True
+            up = parent[got]
+            np.subtract.at(children, up[up >= 0], 1)
+    return np.concatenate(rounds) if rounds else np.zeros(0, dtype=np.int64)
 
 
 def first_unprotected(order: Iterable[int], n: int, protected=None) -> np.ndarray:

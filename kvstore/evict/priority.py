@@ -47,6 +47,11 @@ from kvstore.evict.base import EvictionPolicy, is_protection_mask, as_block_arra
 Entry = tuple[float, int, int]
 
 
+def _distinct(ids: np.ndarray) -> int:
+    """How many distinct ids ``ids`` (non-empty) holds (a set: cheaper than np.unique when short)."""
+    return len(set(ids.tolist())) if ids.size > 1 else 1
+
+
 class PriorityPolicy(EvictionPolicy):
     """Base of policies that evict the smallest priority first; subclasses define :meth:`priority`."""
 
@@ -114,7 +119,7 @@ class PriorityPolicy(EvictionPolicy):
         if gone.size:
             self._live[gone] = False
             self._pushed[gone] = -1  # every entry of a removed block is stale
-            self._num_live -= len(set(gone.tolist())) if gone.size > 1 else 1
+            self._num_live -= _distinct(gone)
             self._removed(gone)
 
     def _removed(self, gone: np.ndarray) -> None:
@@ -142,7 +147,7 @@ class PriorityPolicy(EvictionPolicy):
         self._stamp[arr] = ticks
         if not all_live:
             fresh = arr[~live]
-            self._num_live += len(set(fresh.tolist())) if fresh.size > 1 else 1
+            self._num_live += _distinct(fresh)
             self._live[fresh] = True
         if self._heap is None:
             return  # no heap kept: the next heap victims rebuilds it from the arrays

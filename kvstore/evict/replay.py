@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvstore.errors import CapacityError, ConfigError
-from kvstore.evict.base import BlockInfo, EvictionPolicy, make_policy
+from kvstore.evict.base import BlockInfo, EvictionPolicy, leaf_victims, make_policy
 from kvstore.evict.cost import CostModel
 from kvstore.evict.trace import Trace
 from kvstore.spec import KVSpec
@@ -224,22 +224,15 @@ class _Tiers:
             victims = self.device.victims(need, protected)
             self.device.on_remove(victims)
             return victims
-        mask = self.children > 0
+        mask = np.zeros(self.children.size, dtype=np.bool_)
         mask[protected] = True
-        rounds = []
-        while need > 0:
-            got = self.device.victims(need, mask)
-            if got.size == 0:
-                break
+
+        def take(got: np.ndarray) -> None:
             self.device.on_remove(got)
             up = self.parent[got]
-            up = up[up >= 0]
-            np.subtract.at(self.children, up, 1)
-            mask[up] = self.children[up] > 0
-            mask[protected] = True
-            rounds.append(got)
-            need -= got.size
-        return np.concatenate(rounds) if rounds else np.zeros(0, dtype=np.int64)
+            np.subtract.at(self.children, up[up >= 0], 1)
+
+        return leaf_victims(self.device, need, mask, self.parent, self.children, take)
 
     def admit(self, blocks: np.ndarray, protected: np.ndarray) -> bool:
         """Bring non-resident or host-resident ``blocks`` onto the device, evicting (none of

@@ -71,6 +71,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvstore.blocks import BlockPool
 from kvstore.errors import CapacityError, ConfigError, ShapeError
 from kvstore.evict import POLICIES, BlockInfo, EvictionPolicy, make_policy
+from kvstore.evict.base import leaf_victims
 from kvstore.evict.cost import CostModel
 from kvstore.integrations.lmcache import ColdTierConfig
 from kvstore.spec import KVSpec, ModelCost
@@ -198,10 +199,11 @@ class HostTierIndex:
     (``[num_slots]`` bool) marks the slots that this step's loads read: never victims, and
     handed to the policy as its protection mask as is; so are the slots inserted this step,
     whose saves are not done yet (the scheduler clears the mask once it has built the step's
-    metadata). With ``leaves_only`` the index also keeps the prefix tree of what it holds
-    (``parent``: the slot of the block each block extends; ``children``: how many cached blocks
-    extend each slot) and never evicts a block that a cached block extends: vLLM loads a prefix
-    only up to its first missing block, so a hole would strand everything after it. The cold tier's
+    metadata). The index keeps the prefix tree of what it holds (``parent``: the slot of the
+    block each block extends, from the ``parents`` that ``insert`` is given; ``children``: how
+    many cached blocks extend each slot); with ``leaves_only`` it never evicts a block that a
+    cached block extends: vLLM loads a prefix only up to its first missing block, so a hole
+    would strand everything after it. The cold tier's
     contents are mirrored as an LRU of keys capped at its capacity (LMCache evicts LRU too; a
     stale entry only costs a failed load, reported and recomputed).
 
@@ -314,20 +316,17 @@ class HostTierIndex:
         """Up to ``n`` unpinned victims, forgotten: ``(slots, [(slot, key), ...])`` in victim order.
         With ``leaves_only`` each round takes the current leaves only; evicting a leaf can make
         its parent one, so rounds repeat until ``n`` are found or no leaf is left to take."""
-        rounds: list[np.ndarray] = []
         evicted: list[tuple[int, bytes]] = []
-        while n > 0:
-            got = self.policy.victims(n, self.pinned | (self.children > 0) if self.leaves_only else self.pinned)
-            if got.size == 0:
-                break
-            evicted += [(s, self.key_of[s]) for s in got.tolist()]
+
+        def take(got: np.ndarray) -> None:
+            evicted.extend((s, self.key_of[s]) for s in got.tolist())
             self._forget(got)
-            rounds.append(got)
-            n -= got.size
-            if not self.leaves_only:
-                break
-        slots = np.concatenate(rounds) if rounds else np.zeros(0, dtype=np.int64)
-        return slots, evicted
+
+        if self.leaves_only:
+            return leaf_victims(self.policy, n, self.pinned, self.parent, self.children, take), evicted
+        got = self.policy.victims(n, self.pinned)
+        take(got)
+        return got, evicted
 
     def remove(self, slots: Iterable[int]) -> None:
         """Forget ``slots`` (their content is lost)."""
@@ -1107,20 +1106,10 @@ class KVStoreCachePolicy(CachePolicy):
             return []
         skip = np.zeros(self.info.capacity, dtype=np.bool_)
         skip[list(self._busy.union(self._id[k] for k in protected if k in self._id))] = True
-        # leaves only, in rounds: a chunk whose children are all chosen is a leaf of the next round
-        children = self._children.copy()
-        chosen: list[int] = []
-        while len(chosen) < n:
-            got = self.policy.victims(n - len(chosen), skip | (children > 0))
-            if got.size == 0:
-                break
-            chosen += got.tolist()
-            skip[got] = True
-            up = self._parent[got]
-            np.subtract.at(children, up[up >= 0], 1)
-        if len(chosen) < n:
+        chosen = leaf_victims(self.policy, n, skip, self._parent, self._children)  # named, not removed
+        if chosen.size < n:
             return None  # nothing removed: atomic
-        out = [(self._key[b], self.chunks[self._key[b]]) for b in chosen]
+        out = [(self._key[b], self.chunks[self._key[b]]) for b in chosen.tolist()]
         for key, _ in out:
             self.remove(key)
         return out

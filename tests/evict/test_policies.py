@@ -146,3 +146,25 @@ def test_protection_mask_names_what_protected_ids_name(name, ops):
             by_ids.on_remove(got)
             resident.difference_update(got.tolist())
             info.access_count[got] = 0
+
+
+@pytest.mark.parametrize("name", ["lru", "asym"])
+def test_leaf_victims_takes_tails_first_in_rounds_and_named_only_changes_nothing(name):
+    """Chain 0 <- 1 <- 2 and chain 3 <- 4: leaves first, a parent once its child went; without
+    ``take`` the protection mask, the child counts and the policy's residents are untouched."""
+    from kvstore.evict import BlockInfo, make_policy
+    from kvstore.evict.base import leaf_victims
+
+    info = BlockInfo(8)
+    info.recompute_cost[:5] = 1.0
+    info.access_count[:5] = 1
+    policy = make_policy(name, info)
+    policy.on_insert(np.arange(5))
+    parent = np.array([-1, 0, 1, -1, 3, -1, -1, -1])
+    children = np.array([1, 1, 0, 1, 0, 0, 0, 0])
+    protected = np.zeros(8, dtype=np.bool_)
+    got = leaf_victims(policy, 4, protected, parent, children).tolist()
+    assert sorted(got) == [1, 2, 3, 4] and got.index(2) < got.index(1) and got.index(4) < got.index(3)
+    assert children.tolist() == [1, 1, 0, 1, 0, 0, 0, 0] and not protected.any() and len(policy) == 5
+    protected[4] = True  # 4 stays, so 3 (its parent) stays too
+    assert sorted(leaf_victims(policy, 5, protected, parent, children).tolist()) == [0, 1, 2]
