@@ -6,13 +6,13 @@ KVStore in chunks, then decoded for N steps. Each decode step appends the new to
 every layer and attends, per layer, in one of four modes:
 
   full         dense attention over every token, all KV on the device tier (the reference)
-  pq           kvstore's PQ index scores every token (ADC over uint8 codes), keeps sinks +
-               recent window + top-k within the budget; the selected blocks are fetched from
-               the host tier into a device tier that holds half the context; attention reads
-               each KV head's tokens in place
-  pq-refine    pq, then exact re-ranking: a shortlist of ``--refine`` x the top-k plus the
-               index's outliers is re-scored with the exact keys, read where their blocks lie
-               (their cost is in the select column)
+  pq           kvstore's selection: its PQ index scores every token (ADC over uint8 codes),
+               a shortlist of ``--refine`` x the top-k plus the index's outliers is re-scored
+               with the exact keys, read where their blocks lie (their cost is in the select
+               column), and sinks + recent window + the top-k fill the budget; the selected
+               blocks are fetched from the host tier into a device tier that holds half the
+               context; attention reads each KV head's tokens in place
+  pq-codes     pq scored from the codes alone (no re-ranking): PQCache's cost, kvstore's index
   exact        the oracle: sinks + window + the top-k by exact scores over every key (the
                ceiling of any selector at this budget; its select time reads all keys)
   pqcache-ref  PQCache's published selector at the same budget, same fetch and attention
@@ -50,8 +50,8 @@ from kvstore.store import KVStore
 from .baselines.pqcache_ref import PQCacheRef
 from .common import add_common_args, machine_info, print_table, resolve_device, write_json
 
-MODES = ("full", "pq", "pq-refine", "exact", "pqcache-ref", "lossless")
-SELECTING = ("pq", "pq-refine", "exact", "pqcache-ref")
+MODES = ("full", "pq", "pq-codes", "exact", "pqcache-ref", "lossless")
+SELECTING = ("pq", "pq-codes", "exact", "pqcache-ref")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -66,9 +66,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated modes out of {', '.join(MODES)}")
     parser.add_argument("--subspaces", type=int, default=4, help="PQ sub-vectors per head (kvstore)")
     parser.add_argument("--bits", type=int, default=8, help="PQ bits per code (kvstore)")
-    parser.add_argument("--sinks", type=int, default=SelectionConfig.num_sinks, help="sink tokens always kept (pq, pq-refine, exact)")
-    parser.add_argument("--window", type=int, default=SelectionConfig.recent_window, help="recent tokens always kept (pq, pq-refine, exact)")
-    parser.add_argument("--refine", type=float, default=4.0, help="shortlist factor of pq-refine's exact re-ranking")
+    parser.add_argument("--sinks", type=int, default=SelectionConfig.num_sinks, help="sink tokens always kept (pq, pq-codes, exact)")
+    parser.add_argument("--window", type=int, default=SelectionConfig.recent_window, help="recent tokens always kept (pq, pq-codes, exact)")
+    parser.add_argument("--refine", type=float, default=4.0, help="shortlist factor of pq's exact re-ranking (1: codes only, as pq-codes)")
     parser.add_argument("--plot", default=None, metavar="OUT.png", help="plot TPOT and quality against context")
 
 
@@ -227,7 +227,7 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
     stats = {m: ModeStats() for m in modes}
     select_cfg = {  # exact: a shortlist of every candidate, re-ranked with exact keys
         mode: SelectionConfig(num_sinks=args.sinks, recent_window=args.window, refine=refine)
-        for mode, refine in (("pq", 1.0), ("pq-refine", args.refine), ("exact", float(context)))
+        for mode, refine in (("pq", args.refine), ("pq-codes", 1.0), ("exact", float(context)))
     }
     full_out: dict[tuple[int, int, int], torch.Tensor] = {}
     results = []
@@ -277,8 +277,8 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
                             if mode != "pqcache-ref":
                                 indexes[layer].add(keys[layer, :, pos : pos + 1].float())
                                 exact_keys = {
-                                    "pq": None,
-                                    "pq-refine": lambda p, layer=layer: store.gather_keys(seq, layer, p),
+                                    "pq": lambda p, layer=layer: store.gather_keys(seq, layer, p),
+                                    "pq-codes": None,
                                     "exact": keys[layer, :, : pos + 1],
                                 }[mode]
                                 sel = select_tokens(
@@ -311,9 +311,9 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
             mem = store.memory()
             st.device_bytes = mem["device"].bytes_used
             st.host_bytes = mem["host"].bytes_used
-            if mode in ("pq", "pq-refine"):
+            if mode in ("pq", "pq-codes"):
                 st.device_bytes += sum(int(ix.codes.numel()) for ix in indexes)  # uint8 codes
-            if mode == "pq-refine":
+            if mode == "pq" and args.refine > 1:
                 st.device_bytes += sum(8 * int((ix.outliers >= 0).sum()) for ix in indexes)  # outlier positions
             del store
     n_steps = args.steps * args.batch

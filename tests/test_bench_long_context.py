@@ -16,17 +16,20 @@ def test_long_context_modes_side_by_side(tmp_path):
                    "--json", str(out), "--plot", str(plot)])
     assert rc == 0 and plot.stat().st_size > 0
     rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"full", "pq", "pq-refine", "exact", "pqcache-ref", "lossless"}
+    assert set(rows) == {"full", "pq", "pq-codes", "exact", "pqcache-ref", "lossless"}
     for r in rows.values():
         assert KEYS <= set(r) and r["context"] == 4096 and r["tpot_ms"] > 0 and r["device_bytes"] > 0
     assert rows["full"]["rel_error"] == 0 and rows["full"]["recall"] is None
     assert rows["lossless"]["rel_error"] <= 1e-4  # attends to every token: equals full
     assert rows["lossless"]["host_bytes"] > 0  # its device tier is smaller than the context
-    pq, ref = rows["pq"], rows["pqcache-ref"]
-    assert pq["budget"] == ref["budget"] == 0.125
-    assert pq["recall"] >= ref["recall"] and pq["attention_mass"] >= ref["attention_mass"]
-    assert pq["rel_error"] <= ref["rel_error"] and pq["needle_hit_rate"] >= ref["needle_hit_rate"]
+    ref = rows["pqcache-ref"]
+    for mode in ("pq", "pq-codes"):  # kvstore's selection, with and without re-ranking, against PQCache's
+        pq = rows[mode]
+        assert pq["budget"] == ref["budget"] == 0.125
+        assert pq["recall"] >= ref["recall"] and pq["attention_mass"] >= ref["attention_mass"]
+        assert pq["rel_error"] <= ref["rel_error"] and pq["needle_hit_rate"] >= ref["needle_hit_rate"]
     # Re-ranking with exact keys moves pq toward the exact-score oracle, which no selector beats.
-    refined, exact = rows["pq-refine"], rows["exact"]
-    assert pq["attention_mass"] <= refined["attention_mass"] <= exact["attention_mass"] + 1e-6
-    assert refined["rel_error"] <= pq["rel_error"] and refined["needle_hit_rate"] >= pq["needle_hit_rate"]
+    refined, codes, exact = rows["pq"], rows["pq-codes"], rows["exact"]
+    assert codes["attention_mass"] <= refined["attention_mass"] <= exact["attention_mass"] + 1e-6
+    assert codes["recall"] <= refined["recall"] <= exact["recall"] + 1e-6
+    assert refined["rel_error"] <= codes["rel_error"] and refined["needle_hit_rate"] >= codes["needle_hit_rate"]

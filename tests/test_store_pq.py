@@ -24,13 +24,14 @@ def workload(prompt: int = 1024, steps: int = 4, seed: int = 3):
 
 def test_select_matches_a_directly_built_index_and_tracks_decode_appends():
     cfg, layers = workload()
-    store = KVStore(SPEC, device_blocks=128, host_blocks=0, pq=PQConfig())
+    pq = PQConfig(selection=SelectionConfig(num_sinks=4, recent_window=16))
+    store = KVStore(SPEC, device_blocks=128, host_blocks=0, pq=pq)
     seq = store.create()
     keys = torch.stack([ld.keys for ld in layers])  # [L, Hkv, T, D]
     values = torch.stack([ld.values for ld in layers])
     n = cfg.prompt_len
     store.append(seq, keys[:, :, :n].transpose(1, 2), values[:, :, :n].transpose(1, 2))
-    direct = PQSequenceIndex(SPEC, PQConfig(), lambda layer: keys[layer, :, :n])
+    direct = PQSequenceIndex(SPEC, pq, lambda layer: keys[layer, :, :n])
     for layer in range(SPEC.num_layers):
         direct.add(layer, keys[layer, :, :n])
     q = layers[1].queries[0]

@@ -51,14 +51,21 @@ class SelectionConfig:
     """How a budget is spent.
 
     Attributes:
-        num_sinks: leading tokens always kept.
-        recent_window: trailing tokens always kept.
+        num_sinks: leading tokens always kept (4, StreamingLLM's count of attention sinks).
+        recent_window: trailing tokens always kept (none by default: a recent token that matters
+            wins its place by score; a forced window only displaces tokens that scored higher).
         aggregate: ``"sum"`` or ``"max"`` of the softmax-normalised scores of a GQA group.
         refine: shortlist factor of exact re-ranking (>= 1; 1 scores by codes only).
+
+    PQCache forces 32 sinks and a recent window (bench/baselines/pqcache_ref.py keeps them). At
+    a 1/16 budget that is 160 of the 512 tokens of an 8K context; on kvstore's synthetic
+    workload it costs recall and attention mass at every budget tried, with codes alone and
+    with re-ranking (bench/RESULTS.md, "forced tokens"). Nothing here was measured on a real
+    model's attention: set ``recent_window`` for models whose recent tokens need a guarantee.
     """
 
-    num_sinks: int = 32
-    recent_window: int = 128
+    num_sinks: int = 4
+    recent_window: int = 0
     aggregate: str = "sum"
     refine: float = 1.0
 

@@ -49,8 +49,13 @@ def test_batch_of_different_lengths_equals_one_by_one(indexes, small_layer):
     batched = select_tokens(indexes, qs, budgets)
     for index, q, b, sel in zip(indexes, qs, budgets, batched):
         alone = select_tokens([index], [q], b)[0]
-        assert torch.equal(alone.positions, sel.positions)
-        assert alone.num_tokens == index.ntotal
+        assert alone.positions.shape == sel.positions.shape and alone.num_tokens == index.ntotal
+        # The same tokens, up to ties: tokens with equal codes score alike, and top-k may take
+        # either of two tied tokens in a padded batch and alone.
+        for h in range(index.num_heads):
+            codes = lambda pos: sorted(map(tuple, index.codes[h, pos].tolist()))  # noqa: E731
+            assert codes(alone.positions[h]) == codes(sel.positions[h])
+        assert (alone.positions != sel.positions).float().mean() < 0.01
 
 
 def test_group_aggregation_max_and_sum_differ_but_both_valid(indexes, small_layer):
