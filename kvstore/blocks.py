@@ -134,6 +134,15 @@ class BlockPool:
         """K (``kv_index=0``) or V (``1``) cache of one layer: ``[num_slots, block_size, Hkv, D]``, a view."""
         return self.kv[:, layer, kv_index]
 
+    def gather_tokens(self, layer: int, kv_index: int, slots: np.ndarray, offsets: np.ndarray, heads: np.ndarray) -> torch.Tensor:
+        """K (``kv_index=0``) or V (``1``) of single tokens and heads: ``[n, D]`` rows of
+        ``layer_view(layer, kv_index)[slots, offsets, heads]`` (int64 arrays of length n), read
+        by one ``index_select`` over the pool as rows of D values."""
+        spec = self.spec
+        rows = (((slots * spec.num_layers + layer) * 2 + kv_index) * spec.block_size + offsets) * spec.num_kv_heads + heads
+        index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.kv.device)
+        return self.kv.view(-1, spec.head_dim).index_select(0, index)
+
     def check(self) -> None:
         """Assert the pool's invariants (tests and debugging)."""
         free = self._free[: self._num_free]

@@ -374,20 +374,25 @@ class KVStore:
         ids = s.ids[pos // bs]
         offs = pos % bs
         heads = np.broadcast_to(np.arange(Hkv)[:, None], pos.shape)
-        out = torch.empty((*pos.shape, self.spec.head_dim), dtype=self.spec.dtype, device=self.device)
         dev, host, on_dev, on_host, gone = self._where(ids)
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        if on_dev.all():  # one tier holds them all: rows come out in order
+            return self.device_pool.gather_tokens(layer, 0, dev.ravel(), offs.ravel(), heads.ravel()).view(*pos.shape, -1)
+        if on_host.all():
+            self.mover.synchronize()
+            rows = self.host_pool.gather_tokens(layer, 0, host.ravel(), offs.ravel(), heads.ravel())
+            return rows.to(self.device).view(*pos.shape, -1)
+        out = torch.empty((pos.size, self.spec.head_dim), dtype=self.spec.dtype, device=self.device)
+        t = lambda a: torch.from_numpy(np.flatnonzero(a)).to(self.device)  # noqa: E731
         if on_dev.any():
-            rows = self.device_pool.layer_view(layer, 0)[t(dev[on_dev]).to(self.device), t(offs[on_dev]).to(self.device), t(heads[on_dev]).to(self.device)]
-            out[t(on_dev).to(self.device)] = rows
+            out.index_copy_(0, t(on_dev), self.device_pool.gather_tokens(layer, 0, dev[on_dev], offs[on_dev], heads[on_dev]))
         if on_host.any():
             self.mover.synchronize()
-            rows = self.host_pool.layer_view(layer, 0)[t(host[on_host]), t(offs[on_host]), t(heads[on_host])]
-            out[t(on_host).to(self.device)] = rows.to(self.device)
+            rows = self.host_pool.gather_tokens(layer, 0, host[on_host], offs[on_host], heads[on_host])
+            out.index_copy_(0, t(on_host), rows.to(self.device))
         if gone.any():  # dropped blocks: recomputed, not kept
             k = self.read(seq, pos[gone], layer=layer)[0]  # [T, Hkv, D]
-            out[t(gone).to(self.device)] = k[torch.arange(k.shape[0], device=self.device), t(heads[gone]).to(self.device)]
-        return out
+            out.index_copy_(0, t(gone), k[torch.arange(k.shape[0], device=self.device), torch.from_numpy(heads[gone]).to(self.device)])
+        return out.view(*pos.shape, -1)
 
     def _layer_keys(self, seq: int, layer: int) -> torch.Tensor:
         """All keys of ``seq`` in ``layer``: ``[Hkv, n, D]``."""

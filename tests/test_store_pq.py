@@ -115,3 +115,26 @@ def test_gather_keys_rejects_bad_positions_and_layers():
         store.gather_keys(seq, 2, good)
     with pytest.raises(UnknownSequenceError):
         store.gather_keys(seq + 1, 0, good)
+
+
+@pytest.mark.parametrize("layout", ["device", "host", "mixed", "dropped"])
+def test_gather_keys_equals_the_keys_wherever_the_blocks_lie(layout):
+    """One tier, two tiers, and dropped blocks (recomputed on read) all give the exact keys, in order."""
+    cfg, layers = workload(prompt=512)
+    keys = torch.stack([ld.keys for ld in layers])[:, :, : cfg.prompt_len]  # [L, Hkv, n, D]
+    kv = torch.stack([keys, keys * 0.5], 1).transpose(2, 3)  # [L, 2, n, Hkv, D]
+    store = KVStore(SPEC, device_blocks=32, host_blocks=32, recompute=lambda s, start, n: kv[:, :, start : start + n])
+    seq = store.create()
+    store.append(seq, kv[:, 0], kv[:, 1])
+    ids = store.block_table(seq)
+    if layout != "device":
+        store.offload(ids if layout == "host" else ids[::2]).wait()
+    if layout == "dropped":
+        store.drop(ids[1:8:2])  # device blocks 1, 3, 5, 7 are recomputed when read
+        assert bool((store.residency(ids[1:8:2]) == BlockInfo.TIER_NONE).all())
+    tiers = set(store.residency(ids).tolist())
+    assert tiers == {"device": {0}, "host": {1}, "mixed": {0, 1}, "dropped": {0, 1, 3}}[layout]
+    g = torch.Generator().manual_seed(5)
+    positions = torch.stack([torch.randperm(cfg.prompt_len, generator=g)[:300] for _ in range(SPEC.num_kv_heads)])
+    want = keys[1].gather(1, positions[..., None].expand(-1, -1, SPEC.head_dim))
+    assert torch.equal(store.gather_keys(seq, 1, positions), want)

@@ -253,9 +253,12 @@ def _rerank(
     Returns ``[H, k]`` int64 positions. ``queries: [Hq, D]``; ``keys`` as in ``select_tokens``.
     """
     H, D = shortlist.shape[0], queries.shape[1]
-    cand = torch.cat([shortlist, index.outliers.to(shortlist.device)], 1).sort(1).values  # [H, C']
+    outliers = index.outliers.to(shortlist.device)  # [H, O], -1 past each head's count
+    cand = torch.cat([shortlist, outliers], 1)  # [H, C']
     invalid = (cand < lo) | (cand >= hi)
-    invalid[:, 1:] |= cand[:, 1:] == cand[:, :-1]  # a shortlisted outlier appears twice
+    if outliers.shape[1]:  # an outlier already shortlisted is scored once
+        listed = torch.zeros((H, index.ntotal), dtype=torch.bool, device=shortlist.device).scatter_(1, shortlist, True)
+        invalid[:, shortlist.shape[1] :] |= listed.gather(1, outliers.clamp_min(0))
     cand = cand.masked_fill(invalid, lo)  # any valid position: its score is masked below
     if isinstance(keys, torch.Tensor):
         if keys.dim() != 3 or keys.shape[0] != H or keys.shape[2] != D or keys.shape[1] < hi:
