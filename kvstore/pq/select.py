@@ -58,10 +58,12 @@ class SelectionConfig:
         refine: shortlist factor of exact re-ranking (>= 1; 1 scores by codes only).
 
     PQCache forces 32 sinks and a recent window (bench/baselines/pqcache_ref.py keeps them). At
-    a 1/16 budget that is 160 of the 512 tokens of an 8K context; on kvstore's synthetic
-    workload it costs recall and attention mass at every budget tried, with codes alone and
-    with re-ranking (bench/RESULTS.md, "forced tokens"). Nothing here was measured on a real
-    model's attention: set ``recent_window`` for models whose recent tokens need a guarantee.
+    a 1/16 budget 32 + 128 is 160 of the 512 tokens of an 8K context. On kvstore's synthetic
+    workload a forced window lowers recall with re-ranking and with 4-byte codes, while mass
+    and error barely move; only coarse codes (2 subspaces of 6 bits), whose scores miss
+    the recent tokens that matter, gain from it (bench/RESULTS.md, "Forced tokens"). Nothing
+    here was measured on a real model's attention: set ``recent_window`` for models whose
+    recent tokens need a guarantee.
     """
 
     num_sinks: int = 4
