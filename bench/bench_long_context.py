@@ -3,7 +3,7 @@
 One model-shaped workload (a KVSpec preset; queries, keys and values from kvstore's synthetic
 generator: RoPE, outlier channels, sinks, locality, planted needles) is prefilled into a
 KVStore in chunks, then decoded for N steps. Each decode step appends the new token's K/V to
-every layer and attends, per layer, in one of four modes:
+every layer and attends, per layer, in one of six modes:
 
   full         dense attention over every token, all KV on the device tier (the reference)
   pq           kvstore's selection: its PQ index scores every token (ADC over uint8 codes),

@@ -35,6 +35,15 @@ def _available() -> dict[str, str]:
     return {name: mod for name, mod in BENCHMARKS.items() if (root / f"{mod}.py").is_file()}
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """A benchmark's docstring as written, and every option's default unless its help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_benchmark(subparsers, name: str, module_name: str):
     module = import_bench(module_name)
     doc = (module.__doc__ or "").strip()
@@ -42,7 +51,7 @@ def _add_benchmark(subparsers, name: str, module_name: str):
         name,
         help=doc.splitlines()[0] if doc else None,
         description=doc,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     module.add_cli_args(sub)
     sub.set_defaults(run=module.main)
