@@ -345,18 +345,24 @@ def _plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_q) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_t, ax_r, ax_q) = plt.subplots(1, 3, figsize=(16, 4))
     for mode in dict.fromkeys(r["mode"] for r in results):
         rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["context"])
         ctx = [r["context"] for r in rows]
         ax_t.plot(ctx, [r["tpot_ms"] for r in rows], marker="o", label=mode)
         ax_q.plot(ctx, [r["rel_error"] for r in rows], marker="o", label=mode)
-    for ax, label in ((ax_t, "time per output token (ms)"), (ax_q, "output relative error vs full")):
+        if rows[0]["recall"] is not None:
+            ax_r.plot(ctx, [r["recall"] for r in rows], marker="o", label=mode)
+        else:
+            ax_r.plot([], [])  # keep each mode's colour the same in every panel
+    panels = ((ax_t, "time per output token (ms)"), (ax_r, "recall@k (selecting modes)"), (ax_q, "output relative error vs full"))
+    for ax, label in panels:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend()
+    ax_r.set_ylim(0, 1)
     ax_q.set_yscale("symlog", linthresh=1e-6)
     ax_q.set_ylim(bottom=0)  # errors are >= 0; full is exactly 0
     fig.tight_layout()
