@@ -20,8 +20,12 @@ every layer and attends, per layer, in one of six modes:
                and recomputed on use; attention over every token through multi-segment
                attention, merging per-chunk results by log-sum-exp, so the output equals full's
 
-Columns: tpot_ms = median time per output token (all layers: append + select + fetch +
-attention); select/fetch/attn = its parts; recall = recall@k against the exact top-k of q.K
+A batch (``--batch``) shares the tiers and is decoded together: every step appends one token
+to each sequence, kvstore's selection scores the batch in one call per layer (pqcache-ref
+selects sequence by sequence, as PQCache does), and attention runs per sequence.
+
+Columns: tpot_ms = median time per output token, i.e. of one decode step of the batch (all
+layers: append + select + fetch + attention); select/fetch/attn = its parts, mean per step; recall = recall@k against the exact top-k of q.K
 (k = the budget); attention_mass = exact softmax probability held by the selected tokens;
 rel_error = relative L2 error of the attention output against full; needle_hit_rate = planted
 needles selected when asked for; device/host bytes = KV (and PQ codes) held per tier.
@@ -60,7 +64,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="layers kept from the preset (default: all for tiny, 2 otherwise)")
     parser.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default: 8192,32768 on CPU; 32768,131072 on CUDA)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per context")
-    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (each its own workload seed)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together, one token each per step (each its own workload seed)")
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk size in tokens")
     parser.add_argument("--budget", type=float, default=1 / 16, help="PQ token budget as a fraction of the context (or tokens if >= 1)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated modes out of {', '.join(MODES)}")
@@ -219,9 +223,37 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
+def _store_for(mode: str, spec: KVSpec, blocks: int, device: torch.device, truth: dict[int, torch.Tensor]) -> KVStore:
+    """The tiers of one mode for sequences of ``blocks`` blocks in all; ``truth`` (filled by the
+    caller: sequence id -> ``[L, 2, T, Hkv, D]``) is what lossless recomputes from."""
+    if mode == "full":
+        return KVStore(spec, device_blocks=blocks, device=device)
+    if mode == "lossless":
+        return KVStore(
+            spec, device_blocks=max(2, blocks // 4), host_blocks=max(1, blocks // 2), device=device,
+            recompute=lambda s, start, n: truth[s][:, :, start : start + n],
+        )
+    return KVStore(spec, device_blocks=max(2, blocks // 2), host_blocks=blocks, device=device)
+
+
+def _index_for(mode: str, spec: KVSpec, keys: torch.Tensor, args):
+    """A trained selector over ``keys: [Hkv, N, D]`` (kvstore's PQIndex or PQCache's)."""
+    if mode == "pqcache-ref":
+        index = PQCacheRef(spec.head_dim)
+        index.train(keys.float().cpu())
+        return index
+    index = PQIndex(spec.head_dim, args.subspaces, args.bits)
+    index.train(keys.float())
+    index.add(keys.float())
+    return index
+
+
 def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: list[str]) -> list[dict]:
-    bs = spec.block_size
-    total_blocks = spec.num_blocks(context + args.steps)
+    """Every mode over one context; a batch of ``args.batch`` sequences (each its own workload
+    seed) shares the store's tiers and is decoded together: each step appends one token to every
+    sequence, and kvstore's selection scores the whole batch in one call per layer."""
+    bs, B = spec.block_size, args.batch
+    total_blocks = B * spec.num_blocks(context + args.steps)
     budget = args.budget if args.budget < 1 else int(args.budget)  # a fraction, or tokens
     budget_tokens = resolve_budget(budget, context)
     stats = {m: ModeStats() for m in modes}
@@ -229,94 +261,84 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
         mode: SelectionConfig(num_sinks=args.sinks, recent_window=args.window, refine=refine)
         for mode, refine in (("pq", args.refine), ("pq-codes", 1.0), ("exact", float(context)))
     }
+    data = [_workload(spec, context, args.steps, args.seed + b, device) for b in range(B)]
+    cfg = data[0][0]
     full_out: dict[tuple[int, int, int], torch.Tensor] = {}
     results = []
-    for b in range(args.batch):
-        cfg, keys, values, queries, needles, needle_steps = _workload(spec, context, args.steps, args.seed + b, device)
-        truth = torch.stack([keys, values], 1).transpose(2, 3)  # [L, 2, T, Hkv, D]
-        for mode in ["full"] + [m for m in modes if m != "full"]:
-            st = stats.get(mode, ModeStats())
-            clock = _Clock(device)
-            if mode == "full":
-                store = KVStore(spec, device_blocks=total_blocks, device=device)
-            elif mode == "lossless":
-                store = KVStore(
-                    spec, device_blocks=max(2, total_blocks // 4), host_blocks=max(1, total_blocks // 2), device=device,
-                    recompute=lambda s, start, n: truth[:, :, start : start + n],
-                )
-            else:
-                store = KVStore(spec, device_blocks=max(2, total_blocks // 2), host_blocks=total_blocks, device=device)
-            chunk = min(args.chunk, store.device_pool.num_slots * bs // 2)  # a chunk must fit the device tier
-            seq = _prefill(store, keys, values, context, chunk)
-            if mode in SELECTING:  # training is prefill work, reported by `kvstore bench pq`
-                indexes = []
-                for layer in range(spec.num_layers):
-                    if mode != "pqcache-ref":
-                        index = PQIndex(spec.head_dim, args.subspaces, args.bits)
-                        index.train(keys[layer, :, :context].float())
-                        index.add(keys[layer, :, :context].float())
-                    else:
-                        index = PQCacheRef(spec.head_dim)
-                        index.train(keys[layer, :, :context].float().cpu())
-                    indexes.append(index)
-                # Everything but the first blocks and the window starts on the host tier.
-                ids = store.block_table(seq)
-                on_dev = ids[store.blocks.dev_slot[ids.numpy()] >= 0]
-                store.offload(on_dev)
-            for s in range(args.steps):
-                pos = context + s
-                t0 = time.perf_counter()
-                with clock("append"):
+    for mode in ["full"] + [m for m in modes if m != "full"]:
+        st = stats.get(mode, ModeStats())
+        clock = _Clock(device)
+        truth: dict[int, torch.Tensor] = {}
+        store = _store_for(mode, spec, total_blocks, device, truth)
+        chunk = min(args.chunk, store.device_pool.num_slots * bs // 2)  # a chunk must fit the device tier
+        seqs = []
+        for _, keys, values, *_ in data:
+            seqs.append(_prefill(store, keys, values, context, chunk))
+            truth[seqs[-1]] = torch.stack([keys, values], 1).transpose(2, 3)  # [L, 2, T, Hkv, D]
+        if mode in SELECTING:  # training is prefill work, reported by `kvstore bench pq`
+            indexes = [[_index_for(mode, spec, keys[layer, :, :context], args) for _, keys, *_ in data] for layer in range(spec.num_layers)]
+            # Everything but the first blocks and the window starts on the host tier.
+            ids = np.concatenate([store.block_table(seq).numpy() for seq in seqs])
+            store.offload(torch.from_numpy(ids[store.blocks.dev_slot[ids] >= 0]))
+        for s in range(args.steps):
+            pos = context + s
+            t0 = time.perf_counter()
+            with clock("append"):
+                for seq, (_, keys, values, *_) in zip(seqs, data):
                     _append_token(store, seq, keys, values, pos)
-                for layer in range(spec.num_layers):
-                    q = queries[layer, s : s + 1]  # [1, Hq, D]
-                    if mode in ("full", "lossless"):
-                        out = _attend_all(store, seq, layer, q, pos + 1, clock)
-                    else:
-                        with clock("select"):
-                            if mode != "pqcache-ref":
-                                indexes[layer].add(keys[layer, :, pos : pos + 1].float())
-                                exact_keys = {
-                                    "pq": lambda p, layer=layer: store.gather_keys(seq, layer, p),
-                                    "pq-codes": None,
-                                    "exact": keys[layer, :, : pos + 1],
-                                }[mode]
-                                sel = select_tokens(
-                                    [indexes[layer]], q.float(), budget, block_size=bs, config=select_cfg[mode],
-                                    keys=None if exact_keys is None else [exact_keys],
-                                )[0]
-                                positions = sel.positions
-                            else:
-                                positions = indexes[layer].select(q[0].float().cpu(), budget_tokens).to(device)
+            for layer in range(spec.num_layers):
+                q = torch.stack([queries[layer, s] for _, _, _, queries, *_ in data])  # [B, Hq, D]
+                if mode in ("full", "lossless"):
+                    outs = [_attend_all(store, seq, layer, q[b : b + 1], pos + 1, clock) for b, seq in enumerate(seqs)]
+                else:
+                    with clock("select"):
+                        if mode != "pqcache-ref":
+                            for index, (_, keys, *_) in zip(indexes[layer], data):
+                                index.add(keys[layer, :, pos : pos + 1].float())
+                            exact_keys = {
+                                "pq": [lambda p, seq=seq, layer=layer: store.gather_keys(seq, layer, p) for seq in seqs],
+                                "pq-codes": None,
+                                "exact": [keys[layer, :, : pos + 1] for _, keys, *_ in data],
+                            }[mode]
+                            chosen = select_tokens(
+                                indexes[layer], q.float(), budget, block_size=bs, config=select_cfg[mode], keys=exact_keys,
+                            )
+                            positions = [sel.positions for sel in chosen]
+                        else:  # PQCache selects for one sequence at a time
+                            positions = []
+                            for b, index in enumerate(indexes[layer]):
+                                chosen = index.select(q[b].float().cpu(), budget_tokens).to(device)
                                 # PQCache keeps generated tokens on the GPU beside its window.
-                                gen = torch.arange(context, pos + 1, device=device).expand(positions.shape[0], -1)
-                                positions = torch.cat([positions, gen], 1)
-                        out = _attend_selected(store, seq, layer, q, positions, clock)
-                        t_metrics = time.perf_counter()  # quality is measured outside the step's time
+                                gen = torch.arange(context, pos + 1, device=device).expand(chosen.shape[0], -1)
+                                positions.append(torch.cat([chosen, gen], 1))
+                    outs = [_attend_selected(store, seq, layer, q[b : b + 1], positions[b], clock) for b, seq in enumerate(seqs)]
+                    t_metrics = time.perf_counter()  # quality is measured outside the step's time
+                    for b, (_, keys, _, _, needles, needle_steps) in enumerate(data):
                         k_l = keys[layer, :, : pos + 1]
-                        st.recall.append(metrics.recall_at_k(positions, q[0].float(), k_l, budget_tokens))
-                        st.mass.append(metrics.attention_mass(positions, q[0].float(), k_l, cfg.softmax_scale))
+                        st.recall.append(metrics.recall_at_k(positions[b], q[b].float(), k_l, budget_tokens))
+                        st.mass.append(metrics.attention_mass(positions[b], q[b].float(), k_l, cfg.softmax_scale))
                         asked = needles[needle_steps == s]
                         if asked.numel():
-                            st.needles.append(metrics.needle_hits(positions, asked))
-                        t0 += time.perf_counter() - t_metrics
+                            st.needles.append(metrics.needle_hits(positions[b], asked))
+                    t0 += time.perf_counter() - t_metrics
+                for b, out in enumerate(outs):
                     if mode == "full":
                         full_out[(b, s, layer)] = out
                     else:
                         st.rel_error.append(_rel_error(out, full_out[(b, s, layer)]))
-                st.step_ms.append((time.perf_counter() - t0) * 1e3)
-            st.select_ms += clock.totals["select"]
-            st.fetch_ms += clock.totals["fetch"]
-            st.attn_ms += clock.totals["attn"]
-            mem = store.memory()
-            st.device_bytes = mem["device"].bytes_used
-            st.host_bytes = mem["host"].bytes_used
-            if mode in ("pq", "pq-codes"):
-                st.device_bytes += sum(int(ix.codes.numel()) for ix in indexes)  # uint8 codes
-            if mode == "pq" and args.refine > 1:
-                st.device_bytes += sum(8 * int((ix.outliers >= 0).sum()) for ix in indexes)  # outlier positions
-            del store
-    n_steps = args.steps * args.batch
+            st.step_ms.append((time.perf_counter() - t0) * 1e3)
+        st.select_ms += clock.totals["select"]
+        st.fetch_ms += clock.totals["fetch"]
+        st.attn_ms += clock.totals["attn"]
+        mem = store.memory()
+        st.device_bytes = mem["device"].bytes_used
+        st.host_bytes = mem["host"].bytes_used
+        if mode in ("pq", "pq-codes"):
+            st.device_bytes += sum(int(ix.codes.numel()) for row in indexes for ix in row)  # uint8 codes
+        if mode == "pq" and args.refine > 1:
+            st.device_bytes += sum(8 * int((ix.outliers >= 0).sum()) for row in indexes for ix in row)  # outlier positions
+        del store
+    n_steps = args.steps
     for mode in modes:
         st = stats[mode]
         sel = mode in SELECTING

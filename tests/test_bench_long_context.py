@@ -33,3 +33,22 @@ def test_long_context_modes_side_by_side(tmp_path):
     assert codes["attention_mass"] <= refined["attention_mass"] <= exact["attention_mass"] + 1e-6
     assert codes["recall"] <= refined["recall"] <= exact["recall"] + 1e-6
     assert refined["rel_error"] <= codes["rel_error"] and refined["needle_hit_rate"] >= codes["needle_hit_rate"]
+
+
+def test_a_batch_is_decoded_together_and_matches_its_sequences_alone(tmp_path):
+    """--batch 2 decodes two sequences in one store (selection scored in one call per layer):
+    its quality is the mean of the two sequences decoded alone, and lossless still equals full."""
+    def run(*extra: str) -> dict:
+        out = tmp_path / f"lc{'_'.join(extra)}.json"
+        argv = ["bench", "long-context", "--device", "cpu", "--contexts", "2048", "--steps", "4", "--budget", "0.125",
+                "--modes", "full,pq,pq-codes,lossless", "--json", str(out), *extra]
+        assert cli.main(argv) == 0
+        return {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+
+    batch, alone = run("--batch", "2"), [run("--seed", str(seed)) for seed in (0, 1)]
+    assert batch["lossless"]["rel_error"] <= 1e-4
+    assert batch["full"]["device_bytes"] == 2 * alone[0]["full"]["device_bytes"]  # both contexts are held
+    for mode in ("pq", "pq-codes"):
+        for column in ("recall", "attention_mass", "rel_error", "needle_hit_rate"):
+            mean = (alone[0][mode][column] + alone[1][mode][column]) / 2
+            assert abs(batch[mode][column] - mean) <= 1e-3 * max(1.0, abs(mean)), (mode, column)
