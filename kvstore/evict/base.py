@@ -74,16 +74,18 @@ def is_protection_mask(protected) -> bool:
 
 
 class _MaskIds:
-    """The ids set in a bool mask over block ids, as a container (``b in``), without copying it."""
+    """The ids set in a bool mask over block ids, as a container (``b in``), without copying it:
+    a byte view of the mask, indexed from Python in tens of nanoseconds (a numpy scalar lookup
+    costs ten times that)."""
 
-    __slots__ = ("_mask", "_size")
+    __slots__ = ("_bytes", "_size")
 
     def __init__(self, mask: np.ndarray) -> None:
-        self._mask = mask
+        self._bytes = memoryview(np.ascontiguousarray(mask).view(np.uint8))
         self._size = mask.size
 
     def __contains__(self, b: int) -> bool:
-        return b < self._size and bool(self._mask[b])
+        return b < self._size and self._bytes[b] != 0
 
 
 def protected_ids(protected) -> Container[int]:
