@@ -43,6 +43,17 @@ def test_help_lists_defaults():
     assert "(default: 32768)" in text and "--decode-steps DECODE_STEPS timed decode steps per context (default: 200)" in text
 
 
+def test_long_context_help_keeps_the_mode_list_and_names_each_default_once():
+    proc = subprocess.run([sys.executable, "-m", "kvstore.cli", "bench", "long-context", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    for mode in ("full", "pq", "pq-codes", "exact", "pqcache-ref", "lossless"):  # one per line, as in the docstring
+        assert any(line.startswith(f"  {mode} ") for line in lines), mode
+    text = " ".join(proc.stdout.split())
+    assert "(default: tiny on CPU, llama3-8b on CUDA)" in text and "(default: None)" not in text.split("--preset")[1].split("--layers")[0]
+    assert "--sinks SINKS sink tokens always kept (pq, pq-codes, exact) (default: 4)" in text
+
+
 def test_installed_console_script_runs_outside_the_checkout(tmp_path):
     """`kvstore` as pip installed it (editable or not), from a directory that is not the checkout."""
     import shutil
