@@ -47,6 +47,7 @@ __all__ = [
     "as_block_list",
     "first_unprotected",
     "leaf_victims",
+    "PrefixTree",
     "protected_ids",
     "protected_at",
     "is_protection_mask",
@@ -145,6 +146,51 @@ def leaf_victims(
             up = parent[got]
             np.subtract.at(children, up[up >= 0], 1)
     return np.concatenate(rounds) if rounds else np.zeros(0, dtype=np.int64)
+
+
+class PrefixTree:
+    """Which resident blocks extend which, over block ids ``0 .. capacity-1``: ``parent[b]`` is
+    the resident block ``b`` extends (-1: none), ``children[b]`` how many resident blocks extend
+    ``b`` (what :func:`leaf_victims` reads). Owners link blocks as they learn their parents and
+    unlink them when they leave."""
+
+    __slots__ = ("parent", "children")
+
+    def __init__(self, capacity: int) -> None:
+        self.parent = np.full(capacity, -1, dtype=np.int64)
+        self.children = np.zeros(capacity, dtype=np.int64)
+
+    def grow(self, capacity: int) -> None:
+        """Room for block ids below ``capacity`` (never shrinks)."""
+        extra = capacity - self.parent.size
+        if extra > 0:
+            self.parent = np.concatenate([self.parent, np.full(extra, -1, dtype=np.int64)])
+            self.children = np.concatenate([self.children, np.zeros(extra, dtype=np.int64)])
+
+    def link(self, blocks, parents) -> None:
+        """``blocks[i]`` extends ``parents[i]`` (-1: nothing resident); a block already linked
+        keeps its parent."""
+        blocks, parents = as_block_array(blocks), as_block_array(parents)
+        ok = (parents >= 0) & (self.parent[blocks] == -1)
+        if ok.any():
+            self.parent[blocks[ok]] = parents[ok]
+            np.add.at(self.children, parents[ok], 1)
+
+    def unlink(self, blocks) -> None:
+        """``blocks`` left: their parents lose a child, and blocks that extended them (an inner
+        block lost) now extend nothing resident."""
+        blocks = as_block_array(blocks)
+        up = self.parent[blocks]
+        np.subtract.at(self.children, up[up >= 0], 1)
+        self.parent[blocks] = -1
+        if self.children[blocks].any():
+            self.parent[np.isin(self.parent, blocks)] = -1
+            self.children[blocks] = 0
+
+    def victims(self, policy: "EvictionPolicy", n: int, protected: np.ndarray,
+                take: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+        """:func:`leaf_victims` over this tree (``take`` must :meth:`unlink` what it removes)."""
+        return leaf_victims(policy, n, protected, self.parent, self.children, take)
 
 
 def first_unprotected(order: Iterable[int], n: int, protected=None) -> np.ndarray:

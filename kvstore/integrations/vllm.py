@@ -71,7 +71,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvstore.blocks import BlockPool
 from kvstore.errors import CapacityError, ConfigError, ShapeError
 from kvstore.evict import POLICIES, BlockInfo, EvictionPolicy, make_policy
-from kvstore.evict.base import leaf_victims
+from kvstore.evict.base import PrefixTree
 from kvstore.evict.cost import CostModel
 from kvstore.integrations.lmcache import ColdTierConfig
 from kvstore.spec import KVSpec, ModelCost
@@ -231,8 +231,7 @@ class HostTierIndex:
         self.cold: OrderedDict[bytes, None] = OrderedDict()
         self.cold_capacity = cold_capacity
         self.pinned = np.zeros(num_slots, dtype=np.bool_)
-        self.parent = np.full(num_slots, -1, dtype=np.int64)  # slot of the block each block extends, -1: none cached
-        self.children = np.zeros(num_slots, dtype=np.int64)  # cached blocks extending each slot
+        self.tree = PrefixTree(num_slots)  # which cached slot each slot's block extends
         self._clock = 0
         self._block_bytes = spec.bytes_per_block
         self._reload_cost = float(cost.reload_seconds(self._block_bytes)) if cold_capacity else np.inf
@@ -294,9 +293,7 @@ class HostTierIndex:
             self.cold.pop(k, None)
         if parents is not None:
             get = self.slot_of.get
-            up = np.array([-1 if k is None else get(k, -1) for k in parents[: slots.size]], dtype=np.int64)
-            self.parent[slots] = up
-            np.add.at(self.children, up[up >= 0], 1)
+            self.tree.link(slots, [-1 if k is None else get(k, -1) for k in parents[: slots.size]])
         info, pos = self.info, np.asarray(positions, dtype=np.int64)
         self._clock += 1
         info.position[slots] = pos
@@ -312,6 +309,16 @@ class HostTierIndex:
         self.policy.on_insert(slots)
         return slots.tolist(), evicted
 
+    @property
+    def parent(self) -> np.ndarray:
+        """``[num_slots]`` the cached slot each slot's block extends (-1: none)."""
+        return self.tree.parent
+
+    @property
+    def children(self) -> np.ndarray:
+        """``[num_slots]`` how many cached blocks extend each slot."""
+        return self.tree.children
+
     def _evict(self, n: int) -> tuple[np.ndarray, list[tuple[int, bytes]]]:
         """Up to ``n`` unpinned victims, forgotten: ``(slots, [(slot, key), ...])`` in victim order.
         With ``leaves_only`` each round takes the current leaves only; evicting a leaf can make
@@ -323,7 +330,7 @@ class HostTierIndex:
             self._forget(got)
 
         if self.leaves_only:
-            return leaf_victims(self.policy, n, self.pinned, self.parent, self.children, take), evicted
+            return self.tree.victims(self.policy, n, self.pinned, take), evicted
         got = self.policy.victims(n, self.pinned)
         take(got)
         return got, evicted
@@ -343,13 +350,7 @@ class HostTierIndex:
         for s in slots.tolist():
             del self.slot_of[self.key_of[s]]
             self.key_of[s] = None
-        up = self.parent[slots]
-        np.subtract.at(self.children, up[up >= 0], 1)
-        self.parent[slots] = -1
-        if self.children[slots].any():  # lost inner blocks (remove): their children now extend nothing cached
-            orphans = np.isin(self.parent, slots)
-            self.parent[orphans] = -1
-            self.children[slots] = 0
+        self.tree.unlink(slots)  # a lost inner block (remove) leaves its children extending nothing cached
 
     def _cold_add(self, key: bytes) -> None:
         self.cold[key] = None
@@ -1021,31 +1022,19 @@ class KVStoreCachePolicy(CachePolicy):
         self._busy: set[int] = set()  # ids of chunks with ref_cnt != 0 (being written or read)
         self._clock = 0
         self._parent_key: dict[OffloadKey, OffloadKey] = {}  # chunk -> the chunk it extends
-        self._parent = np.full(self.info.capacity, -1, dtype=np.int64)  # by id: the parent's id, -1: none resident
-        self._children = np.zeros(self.info.capacity, dtype=np.int64)  # by id: resident chunks extending it
-
-    def _reserve(self, bid: int) -> None:
-        self.info.reserve(bid + 1)
-        if self._parent.size < self.info.capacity:
-            grow = self.info.capacity - self._parent.size
-            self._parent = np.concatenate([self._parent, np.full(grow, -1, dtype=np.int64)])
-            self._children = np.concatenate([self._children, np.zeros(grow, dtype=np.int64)])
-
-    def _link(self, child: int, parent: int) -> None:
-        if self._parent[child] == -1:
-            self._parent[child] = parent
-            self._children[parent] += 1
+        self._tree = PrefixTree(self.info.capacity)  # by id: which resident chunk each chunk extends
 
     def get(self, key: OffloadKey) -> ChunkStatus | None:
         return self.chunks.get(key)
 
     def insert(self, key: OffloadKey, chunk: ChunkStatus) -> None:
         bid = self._free.pop() if self._free else len(self._id)
-        self._reserve(bid)
+        self.info.reserve(bid + 1)
+        self._tree.grow(self.info.capacity)
         self.chunks[key], self._id[key], self._key[bid] = chunk, bid, key
         parent = self._id.get(self._parent_key.get(key))
         if parent is not None:
-            self._link(bid, parent)
+            self._tree.link([bid], [parent])
         pos = self._positions.pop(key, 0)
         self._clock += 1
         info = self.info
@@ -1063,11 +1052,7 @@ class KVStoreCachePolicy(CachePolicy):
         del self._key[bid]
         self._busy.discard(bid)
         self._parent_key.pop(key, None)
-        if (p := self._parent[bid]) >= 0:
-            self._children[p] -= 1
-        if self._children[bid]:  # its children now extend nothing resident
-            self._parent[self._parent == bid] = -1
-        self._parent[bid], self._children[bid] = -1, 0
+        self._tree.unlink([bid])
         self.policy.on_remove([bid])
         self.info.reset(np.asarray([bid]))
         self._free.append(bid)
@@ -1084,7 +1069,7 @@ class KVStoreCachePolicy(CachePolicy):
                     self._parent_key[k] = prev_key
                     child, parent = self._id.get(k), self._id.get(prev_key)
                     if child is not None and parent is not None:
-                        self._link(child, parent)
+                        self._tree.link([child], [parent])
             prev_key, prev_pos = k, pos
         return keys
 
@@ -1106,7 +1091,7 @@ class KVStoreCachePolicy(CachePolicy):
             return []
         skip = np.zeros(self.info.capacity, dtype=np.bool_)
         skip[list(self._busy.union(self._id[k] for k in protected if k in self._id))] = True
-        chosen = leaf_victims(self.policy, n, skip, self._parent, self._children)  # named, not removed
+        chosen = self._tree.victims(self.policy, n, skip)  # named, not removed
         if chosen.size < n:
             return None  # nothing removed: atomic
         out = [(self._key[b], self.chunks[self._key[b]]) for b in chosen.tolist()]
