@@ -485,7 +485,8 @@ class _SchedulerSide:
         bs, g = self.spec.block_size, self.gpu_block
         first, end = st.lookup_computed // g, (st.lookup_computed + num_external_tokens) // g
         h0, h1 = first // self.per_host, -(-end // self.per_host)
-        keys = self._keys(request)[h0:h1]
+        chain = self._keys(request)
+        keys = chain[h0:h1]
         index, meta = self.index, self._meta
         slots = list(map(index.slot_of.get, keys))
         done = 0  # slots[:done] are pinned
@@ -493,7 +494,7 @@ class _SchedulerSide:
             i = slots.index(None, done)
             index.pinned[slots[done:i]] = True
             self._flush_touches()
-            got, evicted = index.insert([keys[i]], [(h0 + i) * bs], [self._keys(request)[h0 + i - 1] if h0 + i else None])
+            got, evicted = index.insert([keys[i]], [(h0 + i) * bs], [chain[h0 + i - 1] if h0 + i else None])
             meta.spills.extend(evicted)
             if not got:
                 raise CapacityError(f"host tier: no unpinned slot for a cold hit ({np.count_nonzero(index.pinned)} pinned)")
@@ -509,7 +510,7 @@ class _SchedulerSide:
 
     def _unsaved(self, st: _ReqState, upto_tokens: int) -> tuple[_ReqState, list[int], list[bytes], int] | None:
         """Host blocks of ``st`` fully computed by ``upto_tokens`` and not saved yet: record the
-        resident ones as hits; ``(st, indices, keys, n_full)`` of the others (or None)."""
+        resident ones as hits; ``(st, indices of the others, the request's keys, n_full)`` (or None)."""
         keys = self._keys(st.request)
         n_full = min(upto_tokens // self.spec.block_size, len(keys), len(st.gpu_blocks) // self.per_host)
         if n_full <= st.num_saved:
@@ -521,7 +522,7 @@ class _SchedulerSide:
             hit = np.array([s for s in found if s is not None], dtype=np.int64)
             self.index.pinned[hit] = True  # the step's inserts extend them: not victims of the same step
             self._touched.append(hit)
-        return st, new, [keys[i] for i in new], n_full
+        return st, new, keys, n_full
 
     def _plan_saves(self, unsaved: Sequence[tuple[_ReqState, list[int], list[bytes], int]]) -> BlockCopy | None:
         """One insert for the new host blocks of ``unsaved`` (from :meth:`_unsaved`, in request
@@ -535,10 +536,10 @@ class _SchedulerSide:
         parents: list[bytes | None] = []
         src: list[tuple[_ReqState, int]] = []  # (request, host block index) each key is saved from
         refs: list[list[int]] = []
-        for st, new, ks, _ in unsaved:
+        for st, new, chain, _ in unsaved:
             r = []
-            chain = self._keys(st.request)
-            for i, key in zip(new, ks):
+            for i in new:
+                key = chain[i]
                 j = first.setdefault(key, len(keys))
                 if j == len(keys):
                     keys.append(key)
