@@ -375,20 +375,17 @@ class KVStore:
         offs = pos % bs
         heads = np.broadcast_to(np.arange(Hkv)[:, None], pos.shape)
         dev, host, on_dev, on_host, gone = self._where(ids)
-        if on_dev.all():  # one tier holds them all: rows come out in order
-            return self.device_pool.gather_tokens(layer, 0, dev.ravel(), offs.ravel(), heads.ravel()).view(*pos.shape, -1)
-        if on_host.all():
-            self.mover.synchronize()
-            rows = self.host_pool.gather_tokens(layer, 0, host.ravel(), offs.ravel(), heads.ravel())
-            return rows.to(self.device).view(*pos.shape, -1)
-        out = torch.empty((pos.size, self.spec.head_dim), dtype=self.spec.dtype, device=self.device)
-        t = lambda a: torch.from_numpy(np.flatnonzero(a)).to(self.device)  # noqa: E731
-        if on_dev.any():
-            out.index_copy_(0, t(on_dev), self.device_pool.gather_tokens(layer, 0, dev[on_dev], offs[on_dev], heads[on_dev]))
         if on_host.any():
             self.mover.synchronize()
-            rows = self.host_pool.gather_tokens(layer, 0, host[on_host], offs[on_host], heads[on_host])
-            out.index_copy_(0, t(on_host), rows.to(self.device))
+        tiers = ((on_dev, self.device_pool, dev), (on_host, self.host_pool, host))
+        for where, pool, slots in tiers:
+            if where.all():  # one tier holds them all: its rows come out in order
+                return pool.gather_tokens(layer, 0, slots.ravel(), offs.ravel(), heads.ravel()).to(self.device).view(*pos.shape, -1)
+        out = torch.empty((pos.size, self.spec.head_dim), dtype=self.spec.dtype, device=self.device)
+        t = lambda a: torch.from_numpy(np.flatnonzero(a)).to(self.device)  # noqa: E731
+        for where, pool, slots in tiers:
+            if where.any():
+                out.index_copy_(0, t(where), pool.gather_tokens(layer, 0, slots[where], offs[where], heads[where]).to(self.device))
         if gone.any():  # dropped blocks: recomputed, not kept
             k = self.read(seq, pos[gone], layer=layer)[0]  # [T, Hkv, D]
             out.index_copy_(0, t(gone), k[torch.arange(k.shape[0], device=self.device), torch.from_numpy(heads[gone]).to(self.device)])
