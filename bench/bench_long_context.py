@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -111,8 +112,19 @@ class _Clock:
         self.totals[phase] += (time.perf_counter() - t0) * 1e3
 
 
-def _workload(spec: KVSpec, context: int, steps: int, seed: int, device: torch.device):
-    """Per-layer synthetic data: keys/values ``[L, Hkv, T, D]``, queries ``[L, S, Hq, D]``, needles."""
+class _Workload(NamedTuple):
+    """One sequence's synthetic data: keys/values ``[L, Hkv, T, D]``, queries ``[L, S, Hq, D]``,
+    needle positions and the decode step that asks for each."""
+
+    cfg: SyntheticConfig
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+    needles: torch.Tensor
+    needle_steps: torch.Tensor
+
+
+def _workload(spec: KVSpec, context: int, steps: int, seed: int, device: torch.device) -> _Workload:
     cfg = SyntheticConfig(
         num_kv_heads=spec.num_kv_heads, group_size=spec.group_size, head_dim=spec.head_dim,
         prompt_len=context, num_decode=steps, num_needles=min(8, steps), seed=seed,
@@ -122,7 +134,7 @@ def _workload(spec: KVSpec, context: int, steps: int, seed: int, device: torch.d
     keys = torch.stack([ld.keys for ld in layers]).to(spec.dtype).to(device)
     values = torch.stack([ld.values for ld in layers]).to(spec.dtype).to(device)
     queries = torch.stack([ld.queries for ld in layers]).to(spec.dtype).to(device)
-    return cfg, keys, values, queries, layers[0].needle_positions, layers[0].needle_steps
+    return _Workload(cfg, keys, values, queries, layers[0].needle_positions, layers[0].needle_steps)
 
 
 def _prefill(store: KVStore, keys: torch.Tensor, values: torch.Tensor, n: int, chunk: int) -> int:
@@ -262,7 +274,8 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
         for mode, refine in (("pq", args.refine), ("pq-codes", 1.0), ("exact", float(context)))
     }
     data = [_workload(spec, context, args.steps, args.seed + b, device) for b in range(B)]
-    cfg = data[0][0]
+    queries = torch.stack([w.queries for w in data], 2)  # [L, S, B, Hq, D]
+    scale = data[0].cfg.softmax_scale
     full_out: dict[tuple[int, int, int], torch.Tensor] = {}
     results = []
     for mode in ["full"] + [m for m in modes if m != "full"]:
@@ -272,33 +285,33 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
         store = _store_for(mode, spec, total_blocks, device, truth)
         chunk = min(args.chunk, store.device_pool.num_slots * bs // 2)  # a chunk must fit the device tier
         seqs = []
-        for _, keys, values, *_ in data:
-            seqs.append(_prefill(store, keys, values, context, chunk))
-            truth[seqs[-1]] = torch.stack([keys, values], 1).transpose(2, 3)  # [L, 2, T, Hkv, D]
+        for w in data:
+            seqs.append(_prefill(store, w.keys, w.values, context, chunk))
+            truth[seqs[-1]] = torch.stack([w.keys, w.values], 1).transpose(2, 3)  # [L, 2, T, Hkv, D]
         if mode in SELECTING:  # training is prefill work, reported by `kvstore bench pq`
-            indexes = [[_index_for(mode, spec, keys[layer, :, :context], args) for _, keys, *_ in data] for layer in range(spec.num_layers)]
-            # Everything but the first blocks and the window starts on the host tier.
+            indexes = [[_index_for(mode, spec, w.keys[layer, :, :context], args) for w in data] for layer in range(spec.num_layers)]
+            # Every block starts on the host tier: a selection fetches the blocks it reads.
             ids = np.concatenate([store.block_table(seq).numpy() for seq in seqs])
             store.offload(torch.from_numpy(ids[store.blocks.dev_slot[ids] >= 0]))
         for s in range(args.steps):
             pos = context + s
             t0 = time.perf_counter()
             with clock("append"):
-                for seq, (_, keys, values, *_) in zip(seqs, data):
-                    _append_token(store, seq, keys, values, pos)
+                for seq, w in zip(seqs, data):
+                    _append_token(store, seq, w.keys, w.values, pos)
             for layer in range(spec.num_layers):
-                q = torch.stack([queries[layer, s] for _, _, _, queries, *_ in data])  # [B, Hq, D]
+                q = queries[layer, s]  # [B, Hq, D]
                 if mode in ("full", "lossless"):
                     outs = [_attend_all(store, seq, layer, q[b : b + 1], pos + 1, clock) for b, seq in enumerate(seqs)]
                 else:
                     with clock("select"):
                         if mode != "pqcache-ref":
-                            for index, (_, keys, *_) in zip(indexes[layer], data):
-                                index.add(keys[layer, :, pos : pos + 1].float())
+                            for index, w in zip(indexes[layer], data):
+                                index.add(w.keys[layer, :, pos : pos + 1].float())
                             exact_keys = {
                                 "pq": [lambda p, seq=seq, layer=layer: store.gather_keys(seq, layer, p) for seq in seqs],
                                 "pq-codes": None,
-                                "exact": [keys[layer, :, : pos + 1] for _, keys, *_ in data],
+                                "exact": [w.keys[layer, :, : pos + 1] for w in data],
                             }[mode]
                             chosen = select_tokens(
                                 indexes[layer], q.float(), budget, block_size=bs, config=select_cfg[mode], keys=exact_keys,
@@ -313,11 +326,11 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
                                 positions.append(torch.cat([chosen, gen], 1))
                     outs = [_attend_selected(store, seq, layer, q[b : b + 1], positions[b], clock) for b, seq in enumerate(seqs)]
                     t_metrics = time.perf_counter()  # quality is measured outside the step's time
-                    for b, (_, keys, _, _, needles, needle_steps) in enumerate(data):
-                        k_l = keys[layer, :, : pos + 1]
+                    for b, w in enumerate(data):
+                        k_l = w.keys[layer, :, : pos + 1]
                         st.recall.append(metrics.recall_at_k(positions[b], q[b].float(), k_l, budget_tokens))
-                        st.mass.append(metrics.attention_mass(positions[b], q[b].float(), k_l, cfg.softmax_scale))
-                        asked = needles[needle_steps == s]
+                        st.mass.append(metrics.attention_mass(positions[b], q[b].float(), k_l, scale))
+                        asked = w.needles[w.needle_steps == s]
                         if asked.numel():
                             st.needles.append(metrics.needle_hits(positions[b], asked))
                     t0 += time.perf_counter() - t_metrics
@@ -327,9 +340,9 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
                     else:
                         st.rel_error.append(_rel_error(out, full_out[(b, s, layer)]))
             st.step_ms.append((time.perf_counter() - t0) * 1e3)
-        st.select_ms += clock.totals["select"]
-        st.fetch_ms += clock.totals["fetch"]
-        st.attn_ms += clock.totals["attn"]
+        st.select_ms = clock.totals["select"]
+        st.fetch_ms = clock.totals["fetch"]
+        st.attn_ms = clock.totals["attn"]
         mem = store.memory()
         st.device_bytes = mem["device"].bytes_used
         st.host_bytes = mem["host"].bytes_used
@@ -338,7 +351,6 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
         if mode == "pq" and args.refine > 1:
             st.device_bytes += sum(8 * int((ix.outliers >= 0).sum()) for row in indexes for ix in row)  # outlier positions
         del store
-    n_steps = args.steps
     for mode in modes:
         st = stats[mode]
         sel = mode in SELECTING
@@ -348,9 +360,9 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
             "budget": (budget_tokens / context) if sel else None,
             "tpot_ms": float(np.median(st.step_ms)),
             "tpot_p99_ms": float(np.percentile(st.step_ms, 99)),
-            "select_ms": st.select_ms / n_steps,
-            "fetch_ms": st.fetch_ms / n_steps,
-            "attn_ms": st.attn_ms / n_steps,
+            "select_ms": st.select_ms / args.steps,
+            "fetch_ms": st.fetch_ms / args.steps,
+            "attn_ms": st.attn_ms / args.steps,
             "recall": float(np.mean(st.recall)) if sel else None,
             "attention_mass": float(np.mean(st.mass)) if sel else None,
             "rel_error": float(np.mean(st.rel_error)) if st.rel_error else 0.0,
