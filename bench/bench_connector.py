@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .common import add_common_args, machine_info, print_table, resolve_device, time_fn, write_json
+from .common import add_common_args, machine_info, parse_capacities, print_table, resolve_device, time_fn, write_json
 
 
 def add_cli_args(parser) -> None:
@@ -42,8 +42,8 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--trace", default=None, metavar="PATH",
                         help="also replay this Mooncake trace through the scheduler side: host-tier prefix hit ratio per policy")
     parser.add_argument("--trace-policies", default="lru,asym", help="policies of the trace replay (comma-separated)")
-    parser.add_argument("--trace-capacity", type=float, default=0.1,
-                        help="host tier of the trace replay: a fraction of the trace's unique blocks (< 1) or blocks")
+    parser.add_argument("--trace-capacity", default="0.1",
+                        help="host tier of the trace replay: blocks (18279) or a fraction of the trace's unique blocks (0.1)")
     add_common_args(parser)
 
 
@@ -210,7 +210,7 @@ def _trace_bench(args) -> list[dict]:
     from kvstore.evict.trace import load_mooncake
 
     trace = load_mooncake(args.trace)
-    cap = int(args.trace_capacity * trace.num_unique_blocks) if args.trace_capacity < 1 else int(args.trace_capacity)
+    (cap,) = parse_capacities(args.trace_capacity, trace.num_unique_blocks)
     policies = [p.strip() for p in args.trace_policies.split(",") if p.strip()]
     return [trace_hits(trace, p, cap, leaves_only=leaves) for p in policies for leaves in (True, False)]
 

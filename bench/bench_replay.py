@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kvstore.errors import ConfigError
 from kvstore.evict import POLICIES
 from kvstore.evict.cost import CostModel
 from kvstore.evict.replay import SEMANTICS, ReplayConfig, ReplayResult, replay
 from kvstore.evict.trace import TRACE_FORMATS, Trace, load_trace
 from kvstore.spec import MODEL_COSTS
 
-from .common import add_common_args, machine_info, print_table, write_json
+from .common import add_common_args, machine_info, parse_capacities, print_table, write_json
 
 DEFAULT_TRACE = Path("..") / "shared" / "traces" / "mooncake_conversation.jsonl"
 
@@ -47,22 +46,6 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, metavar="OUT.png", help="plot hit ratio and recompute cost against capacity")
     parser.add_argument("--anchor-libcachesim", action="store_true", help="also time libCacheSim's LRU on the same block stream")
     add_common_args(parser)
-
-
-def parse_capacities(text: str, unique_blocks: int, *, allow_zero: bool = False) -> list[int]:
-    """``"18279,0.1"`` -> block counts; a value with a ``.`` is a fraction of ``unique_blocks``."""
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        try:
-            value = float(item) if "." in item else int(item)
-        except ValueError:
-            raise ConfigError(f"capacity {item!r} is neither a block count nor a fraction") from None
-        blocks = int(round(value * unique_blocks)) if isinstance(value, float) else value
-        if isinstance(value, float) and not 0.0 < value <= 1.0 or blocks < (0 if allow_zero else 1):
-            raise ConfigError(f"capacity {item!r} must be a positive block count or a fraction in (0, 1]")
-        out.append(blocks)
-    return out
 
 
 def libcachesim_lru(trace: Trace, capacities: list[int]) -> list[dict]:

@@ -13,7 +13,11 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["Timing", "time_fn", "machine_info", "write_json", "print_table", "add_common_args", "resolve_device"]
+from kvstore.errors import ConfigError
+
+__all__ = [
+    "Timing", "time_fn", "machine_info", "write_json", "print_table", "add_common_args", "resolve_device", "parse_capacities",
+]
 
 
 class Timing:
@@ -131,3 +135,19 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[obje
     for r in rows:
         table.add_row(*[_fmt(v) for v in r])
     Console(width=max(100, min(200, 12 * len(columns) + 20))).print(table)
+
+
+def parse_capacities(text: str, unique_blocks: int, *, allow_zero: bool = False) -> list[int]:
+    """``"18279,0.1"`` -> block counts; a value with a ``.`` is a fraction of ``unique_blocks``."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value = float(item) if "." in item else int(item)
+        except ValueError:
+            raise ConfigError(f"capacity {item!r} is neither a block count nor a fraction") from None
+        blocks = int(round(value * unique_blocks)) if isinstance(value, float) else value
+        if isinstance(value, float) and not 0.0 < value <= 1.0 or blocks < (0 if allow_zero else 1):
+            raise ConfigError(f"capacity {item!r} must be a positive block count or a fraction in (0, 1]")
+        out.append(blocks)
+    return out
