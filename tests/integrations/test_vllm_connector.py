@@ -457,7 +457,7 @@ def test_leaves_only_keeps_every_cached_block_reachable(policy):
         side.reqs.clear()
         evicted += len(meta.spills)
         _tree_invariants(side.index, parent_key)
-    assert evicted > 0 or len(side.index.pool.owner) == 0
+    assert evicted > 0
     assert side.index.pool.num_free == 0  # the tier ran full: evictions happened every step
 
 
