@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -309,7 +310,7 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
                             for index, w in zip(indexes[layer], data):
                                 index.add(w.keys[layer, :, pos : pos + 1].float())
                             exact_keys = {
-                                "pq": [lambda p, seq=seq, layer=layer: store.gather_keys(seq, layer, p) for seq in seqs],
+                                "pq": [partial(store.gather_keys, seq, layer) for seq in seqs],
                                 "pq-codes": None,
                                 "exact": [w.keys[layer, :, : pos + 1] for w in data],
                             }[mode]

@@ -28,6 +28,7 @@ _ASSIGN_BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 #: Low mantissa bits of a float32 distance that may carry the centroid index (see ``assign``).
 _MAX_PACKED_BITS = 12
 
+
 @dataclass(frozen=True, kw_only=True)
 class KMeansConfig:
     """How centroids are trained.
@@ -102,6 +103,7 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torc
         codes[:, start : start + chunk] = idx
         sq_dist[:, start : start + chunk] = (best + xs.square().sum(-1)).clamp_min_(0.0)
     return codes, sq_dist
+
 
 def _subsample(x: torch.Tensor, cap: int, generator: torch.Generator) -> torch.Tensor:
     """At most ``cap`` points per group: the same random token indices in every group."""
