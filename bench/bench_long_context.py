@@ -411,7 +411,14 @@ def main(args) -> int:
     preset = args.preset or ("llama3-8b" if on_gpu else "tiny")
     layers = args.layers or (KVSpec.preset(preset).num_layers if preset == "tiny" else 2)
     spec = KVSpec.preset(preset, num_layers=layers)
-    contexts = [int(c) for c in (args.contexts or ("32768,131072" if on_gpu else "8192,32768")).split(",")]
+    text = args.contexts or ("32768,131072" if on_gpu else "8192,32768")
+    try:
+        contexts = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--contexts: expected comma-separated token counts, got {text!r}") from None
+    for name, value in (("--contexts", min(contexts)), ("--steps", args.steps), ("--batch", args.batch), ("--chunk", args.chunk)):
+        if value < 1:
+            raise SystemExit(f"{name} must be >= 1, got {value}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:

@@ -4,6 +4,9 @@ lossless equals full, and kvstore's PQ selection is at least as good as PQCache'
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from kvstore import cli
 
@@ -52,3 +55,15 @@ def test_a_batch_is_decoded_together_and_matches_its_sequences_alone(tmp_path):
         for column in ("recall", "attention_mass", "rel_error", "needle_hit_rate"):
             mean = (alone[0][mode][column] + alone[1][mode][column]) / 2
             assert abs(batch[mode][column] - mean) <= 1e-3 * max(1.0, abs(mean)), (mode, column)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--steps", "-1"], "--steps must be >= 1, got -1"),
+    (["--chunk", "0"], "--chunk must be >= 1, got 0"),
+    (["--contexts", "2048,abc"], "--contexts: expected comma-separated token counts, got '2048,abc'"),
+    (["--modes", "full,sparse"], "unknown mode"),
+])
+def test_bad_arguments_exit_with_a_message_naming_the_value(argv, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        cli.main(["bench", "long-context", "--device", "cpu", "--contexts", "2048", *argv])
