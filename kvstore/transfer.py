@@ -173,18 +173,18 @@ def gather_blocks(src: torch.Tensor, src_slots: np.ndarray, dst: torch.Tensor, d
     n = src_slots.size
     if n == 0:
         return
-    from kvstore.attn import cuda  # the generic cupy loader, imported on the CUDA path only
+    from kvstore import kernels  # the cupy loader, imported on the CUDA path only
 
     slots = torch.from_numpy(np.stack([src_slots, dst_slots])).pin_memory().to(dst.device, non_blocking=True)
     vecs = slot_bytes // 16
     per_cta = _GATHER_THREADS * _GATHER_UNROLL
     grid = (-(-vecs // per_cta), min(n, 65535), 1)
-    kernel = cuda.load_kernel("block_gather.cu", "gather_blocks", device=dst.device)
-    cuda.launch(
+    kernel = kernels.load_kernel("block_gather.cu", "gather_blocks", device=dst.device)
+    kernels.launch(
         kernel, grid, (_GATHER_THREADS, 1, 1),
         (
-            cuda.ptr(src), cuda.ptr(dst), cuda.ptr(slots), cuda.i32(n), cuda.i64(vecs),
-            cuda.i64(src.stride(0) * src.element_size() // 16), cuda.i64(dst.stride(0) * dst.element_size() // 16),
+            kernels.ptr(src), kernels.ptr(dst), kernels.ptr(slots), kernels.i32(n), kernels.i64(vecs),
+            kernels.i64(src.stride(0) * src.element_size() // 16), kernels.i64(dst.stride(0) * dst.element_size() // 16),
         ),
         device=dst.device,
     )

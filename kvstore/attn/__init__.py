@@ -1,6 +1,6 @@
 """Multi-segment and sparse attention over the paged KV pool.
 
-Layers (DESIGN.md, "Kernels"): csrc/multi_segment_attention.cu -> :mod:`kvstore.attn.cuda`
+Layers (DESIGN.md, "Kernels"): csrc/multi_segment_attention.cu -> :mod:`kvstore.kernels`
 (the only module importing cupy: NVRTC compile, cache, launch on torch's stream) ->
 :mod:`kvstore.attn.kernel` (stride/device checks, split-K plan) -> :mod:`kvstore.attn.api`
 (validation, dispatch between the kernel and :mod:`kvstore.attn.reference`).

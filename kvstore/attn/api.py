@@ -28,7 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kvstore.attn import cuda, kernel, reference
+from kvstore import kernels
+from kvstore.attn import kernel, reference
 from kvstore.attn.segments import BlockSegments
 from kvstore.errors import ConfigError, OutOfRangeError, ShapeError
 
@@ -50,12 +51,12 @@ HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-BACKENDS = cuda.BACKENDS
+BACKENDS = kernels.BACKENDS
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The implementation (``"torch"`` or ``"cuda"``) a call with tensors on ``device`` uses."""
-    return cuda.resolve_backend(backend, device, env=BACKEND_ENV, default=DEFAULT_BACKEND)
+    return kernels.resolve_backend(backend, device, env=BACKEND_ENV, default=DEFAULT_BACKEND)
 
 
 # ---------------------------------------------------------------------------------- validation

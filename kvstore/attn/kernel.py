@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvstore.attn import cuda
+from kvstore import kernels
 from kvstore.attn.segments import BlockSegments
 from kvstore.errors import ShapeError
 
@@ -152,23 +152,23 @@ class _Launch:
         tq, hq, d = q.shape
         num_chunks = self.chunks(num_items)
         name = f"msa_partial<{_CTYPES[q.dtype]}, {d}, {self.rows}, {mode}>"
-        kernel = cuda.load_kernel(_SOURCE, name, device=self.device_index)
+        kernel = kernels.load_kernel(_SOURCE, name, device=self.device_index)
         args = (
-            cuda.ptr(q), cuda.i64(q.stride(0)), cuda.i64(q.stride(1)),
-            cuda.ptr(k), *map(cuda.i64, k_strides),
-            cuda.ptr(v), *map(cuda.i64, v_strides),
-            cuda.i32(num_slots), cuda.i32(block_size), cuda.ptr(slots), cuda.ptr(block_start),
-            cuda.ptr(positions), cuda.i64(positions.stride(0) if positions is not None else 0),
-            cuda.i32(num_blocks), cuda.i32(num_items), cuda.i32(self.chunk),
-            cuda.i32(tq), cuda.i32(hq), cuda.i32(self.group), cuda.i32(causal_start), cuda.i32(causal_end),
-            cuda.f32(self.scale),
-            cuda.ptr(self.out), cuda.i64(self.out.stride(0)), cuda.i64(self.out.stride(1)), cuda.ptr(self.lse),
-            cuda.ptr(self.part_out), cuda.ptr(self.part_lse), cuda.i32(self.parts_done),
-            cuda.i32(int(self.part_out is None)),
+            kernels.ptr(q), kernels.i64(q.stride(0)), kernels.i64(q.stride(1)),
+            kernels.ptr(k), *map(kernels.i64, k_strides),
+            kernels.ptr(v), *map(kernels.i64, v_strides),
+            kernels.i32(num_slots), kernels.i32(block_size), kernels.ptr(slots), kernels.ptr(block_start),
+            kernels.ptr(positions), kernels.i64(positions.stride(0) if positions is not None else 0),
+            kernels.i32(num_blocks), kernels.i32(num_items), kernels.i32(self.chunk),
+            kernels.i32(tq), kernels.i32(hq), kernels.i32(self.group), kernels.i32(causal_start), kernels.i32(causal_end),
+            kernels.f32(self.scale),
+            kernels.ptr(self.out), kernels.i64(self.out.stride(0)), kernels.i64(self.out.stride(1)), kernels.ptr(self.lse),
+            kernels.ptr(self.part_out), kernels.ptr(self.part_lse), kernels.i32(self.parts_done),
+            kernels.i32(int(self.part_out is None)),
         )  # fmt: skip
         grid = (num_chunks, self.num_kv_heads, self.row_tiles)
         staged = 12 * (self.chunk // block_size + 2) if mode == _BLOCKS and slots is not None else 0
-        cuda.launch(kernel, grid, (_THREADS,), args, device=self.device_index, shared_mem=staged)
+        kernels.launch(kernel, grid, (_THREADS,), args, device=self.device_index, shared_mem=staged)
         self.parts_done += num_chunks
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,13 +193,13 @@ def _merge(
     if tq * hq == 0:
         return
     index = out.device.index if out.device.index is not None else torch.cuda.current_device()
-    kernel = cuda.load_kernel(_SOURCE, f"msa_merge<{_CTYPES[parts.dtype]}, {_CTYPES[out.dtype]}>", device=index)
+    kernel = kernels.load_kernel(_SOURCE, f"msa_merge<{_CTYPES[parts.dtype]}, {_CTYPES[out.dtype]}>", device=index)
     args = (
-        cuda.ptr(parts), *map(cuda.i64, part_strides), cuda.ptr(part_lse), *map(cuda.i64, lse_strides),
-        cuda.i32(num_parts), cuda.i32(hq), cuda.i32(d), cuda.ptr(out), cuda.i64(out.stride(0)),
-        cuda.i64(out.stride(1)), cuda.ptr(lse),
+        kernels.ptr(parts), *map(kernels.i64, part_strides), kernels.ptr(part_lse), *map(kernels.i64, lse_strides),
+        kernels.i32(num_parts), kernels.i32(hq), kernels.i32(d), kernels.ptr(out), kernels.i64(out.stride(0)),
+        kernels.i64(out.stride(1)), kernels.ptr(lse),
     )  # fmt: skip
-    cuda.launch(kernel, (tq * hq,), (min(256, -(-d // 32) * 32),), args, device=index)
+    kernels.launch(kernel, (tq * hq,), (min(256, -(-d // 32) * 32),), args, device=index)
 
 
 def paged_attention(

@@ -4,7 +4,7 @@
 says so and :func:`kvstore.pq.adc.adc_topk` (the torch reference, same definitions) otherwise.
 :func:`adc_topk_cuda` is the thin wrapper: it checks shape, dtype, device and strides, never
 casts, plans the grid and launches on torch's current stream through the generic loader
-(:mod:`kvstore.attn.cuda`, the only module that imports cupy).
+(:mod:`kvstore.kernels`, the only module that imports cupy).
 
 What the kernel computes is written at the top of csrc/pq_search.cu: ADC scores from the
 uint8 codes and the lookup tables, the softmax-normalised sum (or max) over the query heads of
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from kvstore.attn import cuda
+from kvstore import kernels
 from kvstore.errors import ConfigError, KernelError, OutOfRangeError, ShapeError
 from kvstore.pq import adc
 
@@ -48,12 +48,12 @@ _STATIC_SMEM = 9 * 1024  # the rank kernel's static shared memory (histogram + s
 _SMEM_OPT_IN = 48 * 1024  # dynamic shared memory above this needs the attribute set
 
 
-BACKENDS = cuda.BACKENDS
+BACKENDS = kernels.BACKENDS
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The implementation (``"torch"`` or ``"cuda"``) a search over tensors on ``device`` uses."""
-    return cuda.resolve_backend(backend, device, env=BACKEND_ENV, default=DEFAULT_BACKEND, what="PQ backend")
+    return kernels.resolve_backend(backend, device, env=BACKEND_ENV, default=DEFAULT_BACKEND, what="PQ backend")
 
 
 def adc_topk(
@@ -229,24 +229,24 @@ def adc_topk_cuda(
     partial = torch.empty((S, num_chunks, qmax, 2), dtype=torch.float32, device=device) if mode else None
     ts = tables.stride()
     common = (
-        cuda.ptr(codes), cuda.i64(codes.stride(0)), cuda.ptr(tables),
-        cuda.i64(ts[0]), cuda.i64(ts[1]), cuda.i64(ts[2]), cuda.ptr(lo), cuda.ptr(hi),
+        kernels.ptr(codes), kernels.i64(codes.stride(0)), kernels.ptr(tables),
+        kernels.i64(ts[0]), kernels.i64(ts[1]), kernels.i64(ts[2]), kernels.ptr(lo), kernels.ptr(hi),
     )
     grid, block = (num_chunks, S, 1), (_THREADS, 1, 1)
     if mode:
         stats = _kernel(f"pq_stats<{M}, {qmax}, {flag}>", index, lut_bytes)
-        cuda.launch(
+        kernels.launch(
             stats, grid, block,
-            (*common, cuda.i32(Q), cuda.i32(K), cuda.i64(N), cuda.i64(chunk), cuda.f32(scale), cuda.ptr(partial)),
+            (*common, kernels.i32(Q), kernels.i32(K), kernels.i64(N), kernels.i64(chunk), kernels.f32(scale), kernels.ptr(partial)),
             device=device, shared_mem=lut_bytes,
         )
     rank = _kernel(f"pq_rank<{M}, {qmax}, {flag}>", index, lut_bytes)
-    cuda.launch(
+    kernels.launch(
         rank, grid, block,
         (
-            *common, cuda.i32(split), cuda.i32(q_row), cuda.i32(K), cuda.i64(N), cuda.i64(chunk), cuda.f32(scale),
-            cuda.i32(mode), cuda.ptr(partial), cuda.ptr(keys), cuda.i64(npad), cuda.ptr(ws.hist),
-            cuda.ptr(ws.counters), cuda.i32(k), cuda.ptr(out_idx), cuda.ptr(out_val),
+            *common, kernels.i32(split), kernels.i32(q_row), kernels.i32(K), kernels.i64(N), kernels.i64(chunk), kernels.f32(scale),
+            kernels.i32(mode), kernels.ptr(partial), kernels.ptr(keys), kernels.i64(npad), kernels.ptr(ws.hist),
+            kernels.ptr(ws.counters), kernels.i32(k), kernels.ptr(out_idx), kernels.ptr(out_val),
         ),
         device=device, shared_mem=lut_bytes,
     )
@@ -257,7 +257,7 @@ def adc_topk_cuda(
 
 def _kernel(name: str, device_index: int, dynamic_smem: int):
     """The compiled instantiation ``name``, allowed ``dynamic_smem`` bytes of dynamic shared memory."""
-    kernel = cuda.load_kernel(_SOURCE, name, device=device_index)
+    kernel = kernels.load_kernel(_SOURCE, name, device=device_index)
     if dynamic_smem > _SMEM_OPT_IN and kernel.max_dynamic_shared_size_bytes < dynamic_smem:
         kernel.max_dynamic_shared_size_bytes = dynamic_smem
     return kernel

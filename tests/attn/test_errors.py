@@ -187,22 +187,22 @@ def test_backend_resolution(monkeypatch):
 
 
 def test_forced_cuda_without_cupy(monkeypatch):
-    from kvstore.attn import cuda
+    from kvstore import kernels
 
-    monkeypatch.setattr(cuda, "cupy_available", lambda: False)
+    monkeypatch.setattr(kernels, "cupy_available", lambda: False)
     with pytest.raises(KernelError, match="need cupy"):
-        cuda.load_kernel("multi_segment_attention.cu", "msa_merge<float, float>")
+        kernels.load_kernel("multi_segment_attention.cu", "msa_merge<float, float>")
     with pytest.raises(KernelError, match="needs cupy"):
         resolve_backend("cuda", torch.device("cuda", 0))
 
 
 def test_unknown_source_is_a_kernel_error(monkeypatch):
-    from kvstore.attn import cuda
+    from kvstore import kernels
 
-    if not cuda.cupy_available():
+    if not kernels.cupy_available():
         pytest.skip("cupy is not installed")
     with pytest.raises(KernelError, match="no_such.cu"):
-        cuda.load_kernel("no_such.cu", "f", device=0)
+        kernels.load_kernel("no_such.cu", "f", device=0)
 
 
 def test_numpy_slot_arrays_are_accepted():
