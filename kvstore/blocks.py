@@ -36,6 +36,9 @@ class BlockPool:
         device: where ``kv`` lives.
         pin_memory: page-lock a CPU pool (for async host<->device copies); ignored on CUDA.
         name: tier name used in error messages ("device", "host").
+        host: the pool is host memory, which the CPU reads only after a host synchronisation
+            (default: a CPU pool is). A device tier kept on the CPU passes False, so copies are
+            ordered as they would be on a GPU.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class BlockPool:
         device: torch.device | str = "cpu",
         pin_memory: bool = False,
         name: str = "pool",
+        host: bool | None = None,
     ) -> None:
         if not isinstance(num_slots, int) or isinstance(num_slots, bool) or num_slots < 0:
             raise ConfigError(f"BlockPool({name}).num_slots must be an int >= 0, got {num_slots!r}")
@@ -53,6 +57,7 @@ class BlockPool:
         self.name = name
         self.num_slots = num_slots
         self.device = torch.device(device)
+        self.host = self.device.type == "cpu" if host is None else bool(host)
         pin = pin_memory and self.device.type == "cpu" and num_slots > 0
         self.kv = torch.empty((num_slots, *spec.block_shape), dtype=spec.dtype, device=self.device, pin_memory=pin)
         self.refcount = np.zeros(num_slots, dtype=np.int32)

@@ -170,7 +170,7 @@ class KVStore:
         self.cost = cost if cost is not None else _default_cost(spec)
 
         self.blocks = _Blocks(capacity=max(16, device_blocks + host_blocks))
-        self.device_pool = BlockPool(spec, device_blocks, device=self.device, name="device")
+        self.device_pool = BlockPool(spec, device_blocks, device=self.device, name="device", host=False)
         self.host_pool = BlockPool(spec, host_blocks, device="cpu", pin_memory=pin, name="host")
         self.device_policy = self._policy(device_policy, "device_policy")
         self.host_policy = self._policy(host_policy, "host_policy")

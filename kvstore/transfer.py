@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -52,23 +53,116 @@ UVA_MAX_RUN_BYTES = 256 * 1024
 _GATHER_THREADS, _GATHER_UNROLL = 256, 8  # bg::kThreads, bg::U in csrc/block_gather.cu
 
 
+class CopyStream:
+    """Where a mover's asynchronous copies run. A copy is a :class:`StreamOp`; :meth:`submit`
+    starts it and returns its event (``None``: complete on return), which :class:`TransferHandle`
+    wraps. Three implementations share the mover's code: :class:`ImmediateStream` (no CUDA: every
+    copy completes at once), :class:`CudaCopyStream` (a dedicated CUDA stream, an event per copy)
+    and the tests' late stream (tests/late_stream.py: a copy lands only when its event is waited
+    on, and its destination holds poison until then), which makes ordering bugs visible on a CPU.
+
+    ``asynchronous`` says whether copies may still be in flight after :meth:`submit`: the mover
+    then plans them as it does on a GPU (paths, staging), whatever the pools' devices.
+    """
+
+    asynchronous = False
+
+    def submit(self, op: "StreamOp"):
+        """Start ``op`` after every copy submitted before it; returns its event or None."""
+        op.write(op.read())
+        return None
+
+    def synchronize(self) -> None:
+        """Block the host until every submitted copy has landed."""
+
+    def wait_host_work(self) -> None:
+        """Order later copies after the work the host has issued so far (CUDA: the current stream)."""
+
+
+class ImmediateStream(CopyStream):
+    """No CUDA: every copy runs when submitted (the default on CPU)."""
+
+
+class StreamOp(NamedTuple):
+    """One asynchronous copy.
+
+    ``read()`` returns what the copy reads (at the moment it runs, in stream order) and
+    ``write(payload)`` stores it: together the reference any stream can run. ``run`` (CUDA only,
+    optional) does both with the fast path the mover chose; ``poison()`` overwrites the
+    destination with garbage (the late stream calls it at submit time); ``host_dst`` says the
+    destination is host memory (visible to the CPU only after a host synchronisation).
+    """
+
+    read: Callable[[], object]
+    write: Callable[[object], None]
+    poison: Callable[[], None]
+    host_dst: bool
+    run: Callable[[], None] | None = None
+
+
+class CudaCopyStream(CopyStream):
+    """A dedicated CUDA stream: ``op.run`` (else the reference) runs on it and records an event."""
+
+    asynchronous = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def submit(self, op: StreamOp):
+        with torch.cuda.stream(self.stream):
+            if op.run is not None:
+                op.run()
+            else:
+                op.write(op.read())
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return _CudaEvent(event, self.device)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def wait_host_work(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+
+class _CudaEvent:
+    """A CUDA event in the interface every stream's events share."""
+
+    __slots__ = ("event", "device")
+
+    def __init__(self, event: torch.cuda.Event, device: torch.device) -> None:
+        self.event = event
+        self.device = device
+
+    def wait(self, *, reads_host: bool = False) -> None:
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+
+    def synchronize(self) -> None:
+        self.event.synchronize()
+
+    def query(self) -> bool:
+        return self.event.query()
+
+
 @dataclass
 class TransferHandle:
     """Completion of one copy. ``event`` is None when the copy was synchronous."""
 
-    event: torch.cuda.Event | None = None
-    device: torch.device | None = None
+    event: object | None = None
     num_blocks: int = 0
     num_bytes: int = 0
     path: str | None = None  # the H2D path of a scattered host -> device copy, None otherwise
 
-    def wait(self, stream: torch.cuda.Stream | None = None) -> None:
-        """Make ``stream`` (default: the current stream) wait for the copy, without blocking the host."""
+    def wait(self, *, reads_host: bool = False) -> None:
+        """Make the current stream wait for the copy, without blocking the host: later kernels
+        (and later copies) see its result. ``reads_host``: the waiting kernels read the copy's
+        host-memory destination in place (UVA); a CPU reader must :meth:`synchronize` instead."""
         if self.event is not None:
-            (stream or torch.cuda.current_stream(self.device)).wait_event(self.event)
+            self.event.wait(reads_host=reads_host)
 
     def synchronize(self) -> None:
-        """Block the host until the copy is done."""
+        """Block the host until the copy has landed (before the CPU reads its destination)."""
         if self.event is not None:
             self.event.synchronize()
 
@@ -190,30 +284,41 @@ def gather_blocks(src: torch.Tensor, src_slots: np.ndarray, dst: torch.Tensor, d
     )
 
 
+def _poison(kv: torch.Tensor, slots: np.ndarray) -> Callable[[], None]:
+    def poison() -> None:
+        index = torch.from_numpy(slots).to(kv.device)
+        kv.index_fill_(0, index, float("nan") if kv.is_floating_point() else -1)
+
+    return poison
+
+
 class BlockMover:
-    """Copies blocks between pools; owns the CUDA copy stream and the pinned staging buffer.
+    """Copies blocks between pools; owns the copy stream and the pinned staging buffer.
 
     Args:
         device: the device tier's device.
         h2d_path: how scattered host -> device copies run, a key of :data:`H2D_PATHS` or
             ``"auto"`` (None: ``$KVSTORE_H2D_PATH``, else :data:`DEFAULT_H2D_PATH`). Unused without CUDA.
+        stream: where copies run (default: a :class:`CudaCopyStream` on CUDA, else an
+            :class:`ImmediateStream`).
     """
 
-    def __init__(self, device: torch.device, *, h2d_path: str | None = None) -> None:
+    def __init__(self, device: torch.device, *, h2d_path: str | None = None, stream: CopyStream | None = None) -> None:
         name = os.environ.get(H2D_PATH_ENV, DEFAULT_H2D_PATH) if h2d_path is None else h2d_path
         if name not in H2D_PATHS and name != "auto":
             source = f"${H2D_PATH_ENV}" if h2d_path is None else "h2d_path"
             raise ConfigError(f"BlockMover: {source}={name!r} is not one of {sorted([*H2D_PATHS, 'auto'])}")
         self.h2d_path = name
         self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if stream is None:
+            stream = CudaCopyStream(self.device) if self.device.type == "cuda" else ImmediateStream()
+        self.stream = stream
         self._staging: torch.Tensor | None = None
-        self._staging_busy: torch.cuda.Event | None = None  # last async copy reading/writing staging
+        self._staging_busy: TransferHandle | None = None  # last async copy reading/writing staging
 
     def synchronize(self) -> None:
         """Block the host until every copy issued so far has finished (before CPU reads of host memory)."""
-        if self.stream is not None:
-            self.stream.synchronize()
+        self.stream.synchronize()
 
     def _staging_for(self, like: torch.Tensor, n: int) -> torch.Tensor:
         """A pinned ``[n, *block_shape]`` buffer, once the previous copy through it has finished."""
@@ -223,7 +328,7 @@ class BlockMover:
         shape = (n, *like.shape[1:])
         buf = self._staging
         if buf is None or buf.shape[0] < n or buf.shape[1:] != like.shape[1:] or buf.dtype != like.dtype:
-            buf = torch.empty((max(n, 64), *like.shape[1:]), dtype=like.dtype, pin_memory=True)
+            buf = torch.empty((max(n, 64), *like.shape[1:]), dtype=like.dtype, pin_memory=torch.cuda.is_available())
             self._staging = buf
         return buf[: shape[0]]
 
@@ -236,18 +341,16 @@ class BlockMover:
         nbytes = n * src.spec.bytes_per_block
         if n == 0:
             return TransferHandle()
-        if self.stream is None or (src.kv.device.type == "cpu" and dst.kv.device.type == "cpu"):
+        if not self.stream.asynchronous:
             self._copy_sync(src.kv, src_slots, dst.kv, dst_slots)
             return TransferHandle(num_blocks=n, num_bytes=nbytes)
         # The copy stream must see every write the compute stream issued to the source.
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            path = self._copy_async(src, src_slots, dst, dst_slots)
-            event = torch.cuda.Event()
-            event.record(self.stream)
+        self.stream.wait_host_work()
+        path, event = self._copy_async(src, src_slots, dst, dst_slots)
+        handle = TransferHandle(event=event, num_blocks=n, num_bytes=nbytes, path=path)
         if self._staging is not None:
-            self._staging_busy = event
-        return TransferHandle(event=event, device=self.device, num_blocks=n, num_bytes=nbytes, path=path)
+            self._staging_busy = handle
+        return handle
 
     @staticmethod
     def _copy_sync(src: torch.Tensor, src_slots: np.ndarray, dst: torch.Tensor, dst_slots: np.ndarray) -> None:
@@ -258,54 +361,83 @@ class BlockMover:
         d = torch.from_numpy(dst_slots).to(dst.device)
         dst.index_copy_(0, d, src.index_select(0, s).to(dst.device))
 
-    def _copy_async(self, src: BlockPool, src_slots: np.ndarray, dst: BlockPool, dst_slots: np.ndarray) -> str | None:
-        """Issue the copy on the current (copy) stream; returns the H2D path of a scattered host -> device copy."""
+    def _slot_op(self, s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray, run=None, *, host_dst: bool) -> StreamOp:
+        """``d_kv[dst_slots] = s_kv[src_slots]`` as a stream op (``run``: its CUDA path)."""
+        s_idx = torch.from_numpy(src_slots)
+        d_idx = torch.from_numpy(dst_slots)
+        return StreamOp(
+            read=lambda: s_kv.index_select(0, s_idx.to(s_kv.device)),
+            write=lambda rows: d_kv.index_copy_(0, d_idx.to(d_kv.device), rows.to(d_kv.device)),
+            poison=_poison(d_kv, dst_slots),
+            host_dst=host_dst,
+            run=run,
+        )
+
+    def _copy_async(self, src: BlockPool, src_slots: np.ndarray, dst: BlockPool, dst_slots: np.ndarray):
+        """Issue the copy on the copy stream; returns the H2D path of a scattered host -> device copy and the event."""
         s_kv, d_kv = src.kv, dst.kv
         if _is_run(src_slots) and _is_run(dst_slots):
-            d_kv[int(dst_slots[0]) : int(dst_slots[-1]) + 1].copy_(
-                s_kv[int(src_slots[0]) : int(src_slots[-1]) + 1], non_blocking=True
-            )
-            return None
-        if s_kv.device.type == "cpu":  # host -> device
+            s0, d0, length = int(src_slots[0]), int(dst_slots[0]), src_slots.size
+            run = lambda: d_kv[d0 : d0 + length].copy_(s_kv[s0 : s0 + length], non_blocking=True)  # noqa: E731
+            return None, self.stream.submit(self._slot_op(s_kv, src_slots, d_kv, dst_slots, run, host_dst=dst.host))
+        if src.host and not dst.host:  # host -> device
             path = self.h2d_path
             if path == "auto":
                 starts, _ = slot_runs(src_slots, dst_slots)
                 path = choose_h2d_path(int(starts.size), int(src_slots.size), src.spec.bytes_per_block)
                 if path == "uva" and not s_kv.is_pinned():
                     path = "memcpy"  # UVA needs page-locked memory; the copy engines take any
-            H2D_PATHS[path](self, s_kv, src_slots, d_kv, dst_slots)
-            return path
+            return path, H2D_PATHS[path](self, s_kv, src_slots, d_kv, dst_slots)
         # device -> host: gather on device, one D2H copy (straight into a run of host slots if it is one)
-        packed = s_kv.index_select(0, torch.from_numpy(src_slots).to(self.device, non_blocking=True))
         if _is_run(dst_slots):
-            d_kv[int(dst_slots[0]) : int(dst_slots[-1]) + 1].copy_(packed, non_blocking=True)
-            packed.record_stream(self.stream)
-            return None
-        staging = self._staging_for(d_kv, src_slots.size)
-        staging.copy_(packed, non_blocking=True)
-        # The host-side scatter must wait for the D2H copy to land.
-        torch.cuda.current_stream(self.device).synchronize()
-        d_kv.index_copy_(0, torch.from_numpy(dst_slots), staging)
-        return None
+            d0 = int(dst_slots[0])
+            s_idx = torch.from_numpy(src_slots)
 
-    def _h2d_staging(self, s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray) -> None:
+            def run() -> None:
+                packed = s_kv.index_select(0, s_idx.to(self.device, non_blocking=True))
+                d_kv[d0 : d0 + src_slots.size].copy_(packed, non_blocking=True)
+
+            return None, self.stream.submit(self._slot_op(s_kv, src_slots, d_kv, dst_slots, run, host_dst=dst.host))
+        staging = self._staging_for(d_kv, src_slots.size)
+        s_idx = torch.from_numpy(src_slots)
+        self.stream.submit(StreamOp(
+            read=lambda: s_kv.index_select(0, s_idx.to(s_kv.device)),
+            write=lambda rows: staging.copy_(rows, non_blocking=True),
+            poison=lambda: staging.fill_(float("nan")),
+            host_dst=True,
+        ))
+        # The host-side scatter must wait for the D2H copy to land.
+        self.stream.synchronize()
+        d_kv.index_copy_(0, torch.from_numpy(dst_slots), staging)
+        return None, None
+
+    def _h2d_staging(self, s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray):
         """Pack into pinned staging, one H2D copy, scatter on the device."""
         staging = self._staging_for(s_kv, src_slots.size)
         torch.index_select(s_kv, 0, torch.from_numpy(src_slots), out=staging)
-        moved = staging.to(self.device, non_blocking=True)
-        d_kv.index_copy_(0, torch.from_numpy(dst_slots).to(self.device, non_blocking=True), moved)
-        moved.record_stream(self.stream)
+        d_idx = torch.from_numpy(dst_slots)
+        return self.stream.submit(StreamOp(
+            read=lambda: staging.clone(),
+            write=lambda rows: d_kv.index_copy_(0, d_idx.to(d_kv.device), rows.to(d_kv.device)),
+            poison=_poison(d_kv, dst_slots),
+            host_dst=False,
+            run=lambda: d_kv.index_copy_(0, d_idx.to(self.device, non_blocking=True), staging.to(self.device, non_blocking=True)),
+        ))
 
-    def _h2d_memcpy(self, s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray) -> None:
+    def _h2d_memcpy(self, s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray):
         """One cudaMemcpyAsync per run of consecutive slots, straight from the host pool."""
         starts, lengths = slot_runs(src_slots, dst_slots)
-        for a, length in zip(starts.tolist(), lengths.tolist()):
-            s0, d0 = int(src_slots[a]), int(dst_slots[a])
-            d_kv[d0 : d0 + length].copy_(s_kv[s0 : s0 + length], non_blocking=True)
 
-    def _h2d_uva(self, s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray) -> None:
+        def run() -> None:
+            for a, length in zip(starts.tolist(), lengths.tolist()):
+                s0, d0 = int(src_slots[a]), int(dst_slots[a])
+                d_kv[d0 : d0 + length].copy_(s_kv[s0 : s0 + length], non_blocking=True)
+
+        return self.stream.submit(self._slot_op(s_kv, src_slots, d_kv, dst_slots, run, host_dst=False))
+
+    def _h2d_uva(self, s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray):
         """One gather-kernel launch reading the pinned host pool in place."""
-        gather_blocks(s_kv, src_slots, d_kv, dst_slots)
+        return self.stream.submit(self._slot_op(s_kv, src_slots, d_kv, dst_slots, lambda: gather_blocks(s_kv, src_slots, d_kv, dst_slots), host_dst=False))
 
 
 #: name -> ``BlockMover`` method copying scattered host slots to device slots on the current stream.
