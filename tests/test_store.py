@@ -23,6 +23,8 @@ from kvstore.evict.lru import LRU
 from kvstore.spec import KVSpec
 from kvstore.store import KVStore
 
+pytestmark = pytest.mark.usefixtures("copy_streams")  # every test with immediate and with late copies
+
 
 def snapshot(store: KVStore) -> dict:
     """Everything observable about the store, to prove an error changed nothing."""
@@ -105,6 +107,22 @@ def test_offload_load_round_trip_and_memory_accounting(small_spec):
     assert store.memory()["host"].blocks_used == 4
     k, v = store.read(s)
     assert torch.equal(k, truth.kv[s][:, 0]) and torch.equal(v, truth.kv[s][:, 1])
+    store.check()
+
+
+def test_offloaded_blocks_load_back_at_once(small_spec):
+    """An offload's copies may still be in flight when the same blocks are loaded back."""
+    truth = Truth()
+    store = KVStore(small_spec, device_blocks=8, host_blocks=8)
+    s = store.create()
+    kv = random_kv(small_spec, 24, seed=12)
+    truth.kv[s] = kv
+    store.append(s, kv[:, 0], kv[:, 1])
+    ids = store.block_table(s)
+    store.offload(ids[:4])  # four consecutive device slots into four consecutive host slots
+    store.load(ids[[3, 0, 2]])  # scattered host slots back
+    k, v = store.read(s)
+    assert torch.equal(k, kv[:, 0]) and torch.equal(v, kv[:, 1])
     store.check()
 
 

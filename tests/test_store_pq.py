@@ -13,6 +13,8 @@ from kvstore.pq.synthetic import SyntheticConfig, SyntheticWorkload
 from kvstore.spec import KVSpec
 from kvstore.store import KVStore
 
+pytestmark = pytest.mark.usefixtures("copy_streams")  # every test with immediate and with late copies
+
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=8, head_dim=32, dtype=torch.float32, block_size=16)
 
 

@@ -13,6 +13,7 @@ dropped) and one without (nothing may ever be lost).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -21,6 +22,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from kvstore.errors import KVStoreError
 from kvstore.spec import KVSpec
 from kvstore.store import KVStore
+
+pytestmark = pytest.mark.usefixtures("copy_streams")  # every test with immediate and with late copies
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=4, head_dim=4, dtype=torch.float32, block_size=4)
 STEPS = {"count": 0}
@@ -133,6 +136,13 @@ class StoreMachine(RuleBasedStateMachine):
             ok = self._attempt(lambda: self.store.load(ids))
             if ok:
                 assert np.all(self.store.blocks.dev_slot[ids] >= 0)
+
+    @rule(data=st.data())
+    def offload_then_load(self, data) -> None:
+        """Evict blocks and bring them straight back, with no host read in between (copies in flight)."""
+        ids = self._pick(data, lambda ids: self.store.blocks.dev_slot[ids] >= 0)
+        if ids.size and self._attempt(lambda: self.store.offload(ids)):
+            self._attempt(lambda: self.store.load(ids[::-1]))
 
     @rule(data=st.data())
     def drop(self, data) -> None:
