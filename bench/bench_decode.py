@@ -10,7 +10,7 @@ loads the selected blocks the device tier misses, and attends to the selected to
 * per layer: PQ search (kvstore backend ``torch`` and, on CUDA, the fused kernel; pqcache_ref's
   scoring ops on the same tensors), attention over the selection, dense SDPA over the whole
   context; the sparse step with every selected block resident against dense SDPA;
-* host fetch: scattered 16-token blocks host -> device by each path (staging, memcpy, uva),
+* host fetch: scattered 16-token blocks host -> device by each path (memcpy, uva),
   and the hit rate of the device tier (LRU over ``--steps`` decode steps) with its fetch time;
 * bandwidths: device copy (HBM) and pinned host -> device copy (PCIe), so that the search reads
   codes at ``code bytes / time / HBM`` and the gather moves ``bytes / time / PCIe``;
@@ -370,7 +370,7 @@ def _gather(spec: KVSpec, args, device: torch.device, bw: dict) -> list[dict]:
     host.kv.view(torch.uint8).fill_(3)
     dev = BlockPool(spec, max(counts), device=device, name="device")
     rng = np.random.default_rng(args.seed)
-    paths = list(H2D_PATHS) if device.type == "cuda" else ["staging"]
+    paths = list(H2D_PATHS) if device.type == "cuda" else ["memcpy"]
     for count in counts:
         src = rng.choice(n_host, count, replace=False)
         dst = rng.permutation(count)

@@ -62,6 +62,8 @@ class BlockPool:
         self.kv = torch.empty((num_slots, *spec.block_shape), dtype=spec.dtype, device=self.device, pin_memory=pin)
         self.refcount = np.zeros(num_slots, dtype=np.int32)
         self.owner = np.full(num_slots, -1, dtype=np.int64)
+        # ticket of the last asynchronous copy into each slot (0: none); BlockMover.wait_writes reads it
+        self.pending_write = np.zeros(num_slots, dtype=np.int64)
         # LIFO stack of free slots; the top is at the end. Initially slot 0 is on top.
         self._free = np.arange(num_slots - 1, -1, -1, dtype=np.int64)
         self._num_free = num_slots

@@ -376,7 +376,7 @@ class KVStore:
         heads = np.broadcast_to(np.arange(Hkv)[:, None], pos.shape)
         dev, host, on_dev, on_host, gone = self._where(ids)
         if on_host.any():
-            self.mover.synchronize()
+            self.mover.wait_writes(self.host_pool, host[on_host])
         tiers = ((on_dev, self.device_pool, dev), (on_host, self.host_pool, host))
         for where, pool, slots in tiers:
             if where.all():  # one tier holds them all: its rows come out in order
@@ -492,7 +492,7 @@ class KVStore:
             slots = torch.from_numpy(dev[on_dev]).to(self.device)
             out[:, :, sel] = self.device_pool.kv[slots, :, :, offs[on_dev].to(self.device)].permute(1, 2, 0, 3, 4)
         if on_host.any():
-            self.mover.synchronize()
+            self.mover.wait_writes(self.host_pool, host[on_host])
             sel = torch.from_numpy(np.flatnonzero(on_host)).to(self.device)
             rows = self.host_pool.kv[torch.from_numpy(host[on_host]), :, :, offs[on_host]]
             out[:, :, sel] = rows.permute(1, 2, 0, 3, 4).to(self.device)

@@ -1,36 +1,47 @@
-"""Tier-to-tier block copies.
+"""Tier-to-tier block copies, ordered by events.
 
-``BlockMover.copy(src, src_slots, dst, dst_slots)`` copies whole blocks between two pools.
-On CUDA it runs on a dedicated stream, reads/writes pinned host memory with non-blocking
-copies, and returns a :class:`TransferHandle` whose event the caller waits on before using
-the destination (``handle.wait()`` makes the current stream wait; ``handle.synchronize()``
-blocks the host). Without CUDA the same calls run synchronously and the handle is already
-complete, so callers are written once.
+``BlockMover.copy(src, src_slots, dst, dst_slots)`` copies whole blocks between two pools and
+returns a :class:`TransferHandle`. Copies run on the mover's :class:`CopyStream`: on CUDA a
+dedicated stream (:class:`CudaCopyStream`, an event per copy), on a CPU at once
+(:class:`ImmediateStream`), in the tests on a stream whose copies land late
+(tests/late_stream.py), so that the ordering rules below are checked without a GPU.
 
-Host -> device copies of scattered slots take one of three paths (:data:`H2D_PATHS`); a run
-of consecutive slots is always one copy:
+Ordering (DESIGN.md, "Copies are ordered by events"):
 
-* ``"staging"`` (the default): pack into a pinned staging buffer (one ``index_select`` on the
-  CPU), one H2D copy, one ``index_copy_`` scatter on the device;
-* ``"memcpy"``: one ``cudaMemcpyAsync`` per run of consecutive (source, destination) slots,
-  straight from the pinned pool (the copy engines; no CPU pass over the bytes);
-* ``"uva"``: one launch of csrc/block_gather.cu reading the pinned pool through unified
-  virtual addressing (zero-copy) and writing the device slots (:func:`gather_blocks`);
+* a copy starts after everything the compute stream issued before it (the copy stream waits
+  for it), and copies run in submit order;
+* every copy into a pool records its ticket on the destination slots
+  (``BlockPool.pending_write``); a reader waits for it: kernels through
+  :meth:`TransferHandle.wait` (no host block), the CPU through :meth:`BlockMover.wait_writes`
+  (a host wait, only when a listed slot still has a copy in flight);
+* no path reads or writes pool bytes with the CPU: host memory is read and written only by
+  the copy engines (``cudaMemcpyAsync``) or by a kernel through unified virtual addressing,
+  on the copy stream, so a host slot is never read before the copy into it landed, and never
+  overwritten by a late CPU pass.
+
+Host -> device copies of scattered slots take one of two paths (:data:`H2D_PATHS`); a run of
+consecutive slots is always one copy:
+
+* ``"memcpy"`` (the default): one ``cudaMemcpyAsync`` per run of consecutive (source,
+  destination) slots, straight from the pinned pool;
+* ``"uva"``: one launch of csrc/block_gather.cu reading the pinned pool in place and writing
+  the device slots (:func:`gather_blocks`);
 * ``"auto"``: ``"memcpy"`` when runs are long (each copy amortises its launch), else ``"uva"``
   (:func:`choose_h2d_path`).
 
-``BlockMover(device, h2d_path=None)`` reads ``$KVSTORE_H2D_PATH`` and falls back to
-:data:`DEFAULT_H2D_PATH`, which stays ``"staging"`` until tests/test_transfer_cuda.py has
-passed on a GPU and bench_decode has measured the crossover (:data:`UVA_MAX_RUN_BYTES`).
-The memcpy and uva paths read the host pool asynchronously on the copy stream, as the copy
-of a run always did: host writes to those slots must come after the copy (the store orders
-them on the same stream or synchronizes first).
+Device -> host copies gather the source slots on the device and copy each run of consecutive
+host slots with one ``cudaMemcpyAsync``. ``BlockMover(device, h2d_path=None)`` reads
+``$KVSTORE_H2D_PATH`` and falls back to :data:`DEFAULT_H2D_PATH`; the crossover
+(:data:`UVA_MAX_RUN_BYTES`) is measured by bench_decode on a GPU.
+
+The mover counts what it moves (:attr:`BlockMover.stats`, bytes per direction).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -40,12 +51,12 @@ from kvstore.blocks import BlockPool
 from kvstore.errors import ConfigError, OutOfRangeError, ShapeError
 
 __all__ = [
-    "BlockMover", "TransferHandle", "H2D_PATHS", "H2D_PATH_ENV", "DEFAULT_H2D_PATH", "UVA_MAX_RUN_BYTES",
+    "BlockMover", "CopyStream", "CudaCopyStream", "ImmediateStream", "StreamOp", "TransferHandle", "TransferStats", "H2D_PATHS", "H2D_PATH_ENV", "DEFAULT_H2D_PATH", "UVA_MAX_RUN_BYTES",
     "slot_runs", "choose_h2d_path", "gather_blocks",
 ]
 
 H2D_PATH_ENV = "KVSTORE_H2D_PATH"
-DEFAULT_H2D_PATH = "staging"
+DEFAULT_H2D_PATH = "memcpy"
 #: Under ``"auto"``, runs of at most this many bytes on average go through the UVA gather kernel,
 #: longer ones through cudaMemcpyAsync. A first guess (a copy's ~2-5 us fixed cost is ~10% of a
 #: 256 KiB copy at PCIe 5 rates); bench_decode measures both paths per block count.
@@ -292,8 +303,27 @@ def _poison(kv: torch.Tensor, slots: np.ndarray) -> Callable[[], None]:
     return poison
 
 
+@dataclass
+class TransferStats:
+    """Bytes a mover moved, per direction (host-side counts, no device sync)."""
+
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    d2d_bytes: int = 0
+    copies: int = 0
+
+    def add(self, src: BlockPool, dst: BlockPool, nbytes: int) -> None:
+        self.copies += 1
+        if src.host and not dst.host:
+            self.h2d_bytes += nbytes
+        elif dst.host and not src.host:
+            self.d2h_bytes += nbytes
+        else:
+            self.d2d_bytes += nbytes
+
+
 class BlockMover:
-    """Copies blocks between pools; owns the copy stream and the pinned staging buffer.
+    """Copies blocks between pools on one copy stream and tracks which slots have copies in flight.
 
     Args:
         device: the device tier's device.
@@ -313,73 +343,84 @@ class BlockMover:
         if stream is None:
             stream = CudaCopyStream(self.device) if self.device.type == "cuda" else ImmediateStream()
         self.stream = stream
-        self._staging: torch.Tensor | None = None
-        self._staging_busy: TransferHandle | None = None  # last async copy reading/writing staging
+        self.stats = TransferStats()
+        self._handles: dict[int, TransferHandle] = {}  # ticket -> handle of a copy maybe in flight
+        self._next_ticket = 1
+        self._landed = 0  # every ticket <= this has landed (the host waited for it)
 
     def synchronize(self) -> None:
-        """Block the host until every copy issued so far has finished (before CPU reads of host memory)."""
+        """Block the host until every copy issued so far has landed."""
         self.stream.synchronize()
+        self._landed = self._next_ticket - 1
+        self._handles.clear()
 
-    def _staging_for(self, like: torch.Tensor, n: int) -> torch.Tensor:
-        """A pinned ``[n, *block_shape]`` buffer, once the previous copy through it has finished."""
-        if self._staging_busy is not None:
-            self._staging_busy.synchronize()
-            self._staging_busy = None
-        shape = (n, *like.shape[1:])
-        buf = self._staging
-        if buf is None or buf.shape[0] < n or buf.shape[1:] != like.shape[1:] or buf.dtype != like.dtype:
-            buf = torch.empty((max(n, 64), *like.shape[1:]), dtype=like.dtype, pin_memory=torch.cuda.is_available())
-            self._staging = buf
-        return buf[: shape[0]]
+    def wait_writes(self, pool: BlockPool, slots: np.ndarray | None = None, *, host: bool = True) -> None:
+        """Order a read of ``pool`` (``slots``; None: any slot) after the copies still landing there.
+
+        ``host=True``: the CPU is about to read, so the host blocks until they landed (only when
+        a listed slot has a copy in flight). ``host=False``: a kernel on the current stream reads
+        (host memory in place, through UVA): the stream waits, the host does not.
+        """
+        pending = pool.pending_write if slots is None else pool.pending_write[np.asarray(slots, dtype=np.int64)]
+        ticket = int(pending.max()) if pending.size else 0
+        if ticket <= self._landed:
+            return
+        handle = self._handles[ticket]
+        if not host:
+            handle.wait(reads_host=True)
+            return
+        handle.synchronize()
+        self._landed = ticket  # one stream: every earlier copy landed too
+        for t in [t for t in self._handles if t <= ticket]:
+            del self._handles[t]
 
     def copy(self, src: BlockPool, src_slots: np.ndarray, dst: BlockPool, dst_slots: np.ndarray) -> TransferHandle:
-        """Copy ``src.kv[src_slots]`` into ``dst.kv[dst_slots]`` (same length, whole blocks)."""
-        src_slots = np.asarray(src_slots, dtype=np.int64)
-        dst_slots = np.asarray(dst_slots, dtype=np.int64)
-        assert src_slots.shape == dst_slots.shape
+        """Copy ``src.kv[src_slots]`` into ``dst.kv[dst_slots]`` (same length, whole blocks).
+
+        The copy starts after the compute stream's work so far; later readers wait for the
+        returned handle (kernels) or call :meth:`wait_writes` (the CPU).
+        """
+        src_slots = np.asarray(src_slots, dtype=np.int64).reshape(-1)
+        dst_slots = np.asarray(dst_slots, dtype=np.int64).reshape(-1)
+        if src_slots.shape != dst_slots.shape:
+            raise ShapeError(f"BlockMover.copy: {src_slots.size} source slots but {dst_slots.size} destination slots")
         n = int(src_slots.size)
         nbytes = n * src.spec.bytes_per_block
         if n == 0:
             return TransferHandle()
+        self.stats.add(src, dst, nbytes)
         if not self.stream.asynchronous:
-            self._copy_sync(src.kv, src_slots, dst.kv, dst_slots)
+            op = self._slot_op(src, src_slots, dst, dst_slots)
+            op.write(op.read())
             return TransferHandle(num_blocks=n, num_bytes=nbytes)
-        # The copy stream must see every write the compute stream issued to the source.
         self.stream.wait_host_work()
-        path, event = self._copy_async(src, src_slots, dst, dst_slots)
+        path, run = self._plan(src, src_slots, dst, dst_slots)
+        event = self.stream.submit(self._slot_op(src, src_slots, dst, dst_slots, run))
         handle = TransferHandle(event=event, num_blocks=n, num_bytes=nbytes, path=path)
-        if self._staging is not None:
-            self._staging_busy = handle
+        if event is not None:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._handles[ticket] = handle
+            dst.pending_write[dst_slots] = ticket
         return handle
 
-    @staticmethod
-    def _copy_sync(src: torch.Tensor, src_slots: np.ndarray, dst: torch.Tensor, dst_slots: np.ndarray) -> None:
-        if _is_run(src_slots) and _is_run(dst_slots):
-            dst[int(dst_slots[0]) : int(dst_slots[-1]) + 1].copy_(src[int(src_slots[0]) : int(src_slots[-1]) + 1])
-            return
-        s = torch.from_numpy(src_slots).to(src.device)
-        d = torch.from_numpy(dst_slots).to(dst.device)
-        dst.index_copy_(0, d, src.index_select(0, s).to(dst.device))
-
-    def _slot_op(self, s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray, run=None, *, host_dst: bool) -> StreamOp:
-        """``d_kv[dst_slots] = s_kv[src_slots]`` as a stream op (``run``: its CUDA path)."""
-        s_idx = torch.from_numpy(src_slots)
-        d_idx = torch.from_numpy(dst_slots)
+    def _slot_op(self, src: BlockPool, src_slots: np.ndarray, dst: BlockPool, dst_slots: np.ndarray, run=None) -> StreamOp:
+        """``dst.kv[dst_slots] = src.kv[src_slots]`` as a stream op (``run``: its CUDA path)."""
+        s_kv, d_kv = src.kv, dst.kv
+        s_idx, d_idx = torch.from_numpy(src_slots), torch.from_numpy(dst_slots)
         return StreamOp(
             read=lambda: s_kv.index_select(0, s_idx.to(s_kv.device)),
             write=lambda rows: d_kv.index_copy_(0, d_idx.to(d_kv.device), rows.to(d_kv.device)),
             poison=_poison(d_kv, dst_slots),
-            host_dst=host_dst,
+            host_dst=dst.host,
             run=run,
         )
 
-    def _copy_async(self, src: BlockPool, src_slots: np.ndarray, dst: BlockPool, dst_slots: np.ndarray):
-        """Issue the copy on the copy stream; returns the H2D path of a scattered host -> device copy and the event."""
+    def _plan(self, src: BlockPool, src_slots: np.ndarray, dst: BlockPool, dst_slots: np.ndarray) -> tuple[str | None, Callable[[], None]]:
+        """The CUDA path of a copy: ``(H2D path name or None, the function that issues it)``."""
         s_kv, d_kv = src.kv, dst.kv
         if _is_run(src_slots) and _is_run(dst_slots):
-            s0, d0, length = int(src_slots[0]), int(dst_slots[0]), src_slots.size
-            run = lambda: d_kv[d0 : d0 + length].copy_(s_kv[s0 : s0 + length], non_blocking=True)  # noqa: E731
-            return None, self.stream.submit(self._slot_op(s_kv, src_slots, d_kv, dst_slots, run, host_dst=dst.host))
+            return None, partial(_copy_runs, s_kv, d_kv, src_slots[:1], dst_slots[:1], np.array([src_slots.size]))
         if src.host and not dst.host:  # host -> device
             path = self.h2d_path
             if path == "auto":
@@ -387,63 +428,42 @@ class BlockMover:
                 path = choose_h2d_path(int(starts.size), int(src_slots.size), src.spec.bytes_per_block)
                 if path == "uva" and not s_kv.is_pinned():
                     path = "memcpy"  # UVA needs page-locked memory; the copy engines take any
-            return path, H2D_PATHS[path](self, s_kv, src_slots, d_kv, dst_slots)
-        # device -> host: gather on device, one D2H copy (straight into a run of host slots if it is one)
-        if _is_run(dst_slots):
-            d0 = int(dst_slots[0])
-            s_idx = torch.from_numpy(src_slots)
-
-            def run() -> None:
-                packed = s_kv.index_select(0, s_idx.to(self.device, non_blocking=True))
-                d_kv[d0 : d0 + src_slots.size].copy_(packed, non_blocking=True)
-
-            return None, self.stream.submit(self._slot_op(s_kv, src_slots, d_kv, dst_slots, run, host_dst=dst.host))
-        staging = self._staging_for(d_kv, src_slots.size)
-        s_idx = torch.from_numpy(src_slots)
-        self.stream.submit(StreamOp(
-            read=lambda: s_kv.index_select(0, s_idx.to(s_kv.device)),
-            write=lambda rows: staging.copy_(rows, non_blocking=True),
-            poison=lambda: staging.fill_(float("nan")),
-            host_dst=True,
-        ))
-        # The host-side scatter must wait for the D2H copy to land.
-        self.stream.synchronize()
-        d_kv.index_copy_(0, torch.from_numpy(dst_slots), staging)
-        return None, None
-
-    def _h2d_staging(self, s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray):
-        """Pack into pinned staging, one H2D copy, scatter on the device."""
-        staging = self._staging_for(s_kv, src_slots.size)
-        torch.index_select(s_kv, 0, torch.from_numpy(src_slots), out=staging)
-        d_idx = torch.from_numpy(dst_slots)
-        return self.stream.submit(StreamOp(
-            read=lambda: staging.clone(),
-            write=lambda rows: d_kv.index_copy_(0, d_idx.to(d_kv.device), rows.to(d_kv.device)),
-            poison=_poison(d_kv, dst_slots),
-            host_dst=False,
-            run=lambda: d_kv.index_copy_(0, d_idx.to(self.device, non_blocking=True), staging.to(self.device, non_blocking=True)),
-        ))
-
-    def _h2d_memcpy(self, s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray):
-        """One cudaMemcpyAsync per run of consecutive slots, straight from the host pool."""
-        starts, lengths = slot_runs(src_slots, dst_slots)
-
-        def run() -> None:
-            for a, length in zip(starts.tolist(), lengths.tolist()):
-                s0, d0 = int(src_slots[a]), int(dst_slots[a])
-                d_kv[d0 : d0 + length].copy_(s_kv[s0 : s0 + length], non_blocking=True)
-
-        return self.stream.submit(self._slot_op(s_kv, src_slots, d_kv, dst_slots, run, host_dst=False))
-
-    def _h2d_uva(self, s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray):
-        """One gather-kernel launch reading the pinned host pool in place."""
-        return self.stream.submit(self._slot_op(s_kv, src_slots, d_kv, dst_slots, lambda: gather_blocks(s_kv, src_slots, d_kv, dst_slots), host_dst=False))
+            return path, partial(H2D_PATHS[path], s_kv, src_slots, d_kv, dst_slots)
+        # device -> host (or device -> device): gather on the device, one copy per run of destination slots
+        return None, partial(_gather_then_copy_runs, s_kv, src_slots, d_kv, dst_slots)
 
 
-#: name -> ``BlockMover`` method copying scattered host slots to device slots on the current stream.
+def _copy_runs(s_kv: torch.Tensor, d_kv: torch.Tensor, src_starts: np.ndarray, dst_starts: np.ndarray, lengths: np.ndarray) -> None:
+    """``d_kv[d:d+n] = s_kv[s:s+n]`` for each run, one ``cudaMemcpyAsync`` each (current stream)."""
+    for s0, d0, length in zip(src_starts.tolist(), dst_starts.tolist(), lengths.tolist()):
+        d_kv[d0 : d0 + length].copy_(s_kv[s0 : s0 + length], non_blocking=True)
+
+
+def _h2d_memcpy(s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray) -> None:
+    """One cudaMemcpyAsync per run of consecutive slots, straight from the host pool."""
+    starts, lengths = slot_runs(src_slots, dst_slots)
+    _copy_runs(s_kv, d_kv, src_slots[starts], dst_slots[starts], lengths)
+
+
+def _h2d_uva(s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray) -> None:
+    """One gather-kernel launch reading the pinned host pool in place."""
+    gather_blocks(s_kv, src_slots, d_kv, dst_slots)
+
+
+def _gather_then_copy_runs(s_kv: torch.Tensor, src_slots: np.ndarray, d_kv: torch.Tensor, dst_slots: np.ndarray) -> None:
+    """Pack the source slots on their device, then one copy per run of consecutive destination slots."""
+    order = np.argsort(dst_slots, kind="stable")
+    index = torch.from_numpy(src_slots[order]).pin_memory().to(s_kv.device, non_blocking=True)
+    packed = s_kv.index_select(0, index)
+    dst_sorted = dst_slots[order]
+    starts = np.flatnonzero(np.diff(dst_sorted, prepend=dst_sorted[0] - 2) != 1)
+    lengths = np.diff(np.append(starts, dst_sorted.size))
+    _copy_runs(packed, d_kv, starts, dst_sorted[starts], lengths)
+
+
+#: name -> function issuing a copy of scattered host slots to device slots on the current stream.
 #: ``h2d_path="auto"`` picks "memcpy" or "uva" per copy (:func:`choose_h2d_path`).
 H2D_PATHS = {
-    "staging": BlockMover._h2d_staging,
-    "memcpy": BlockMover._h2d_memcpy,
-    "uva": BlockMover._h2d_uva,
+    "memcpy": _h2d_memcpy,
+    "uva": _h2d_uva,
 }
