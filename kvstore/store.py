@@ -24,17 +24,39 @@ sequence's blocks.
 
 On CUDA, tier copies run on a dedicated stream; the store makes the current stream wait on
 each copy's event before returning, so later kernels see the data, and returns the
-:class:`~kvstore.transfer.TransferHandle` for callers that want to overlap.
+:class:`~kvstore.transfer.TransferHandle` for callers that want to overlap. The CPU reads a
+host slot only after the copy into it landed (``BlockMover.wait_writes``).
+
+**A decode step** of one layer: ``append`` the token's K/V, ``select`` its tokens (PQ),
+``attend`` (which ``fetch``es the selected rows: one layer's bytes, from the device copy of a
+block or straight from the host copy, never moving whole blocks). Tier moves and eviction stay
+whole-block (``ensure_resident``, ``offload``, ``load``): prefix reuse and lossless mode read
+every token anyway. Attention with no selection reads every block in place, bringing missing
+blocks to the device tier (reloaded or recomputed) in chunks it can hold.
+
+**Syncs.** A decode step does not wait for the device. With ``defer_checks`` (the default on
+CUDA) the checks that need values (NaN/Inf in K/V, queries or recomputed blocks; positions out
+of range; the PQ index's drift) and the record of which blocks a step's attention read (for
+the eviction policies) stay on the device until :meth:`KVStore.end_step`, which reads them all
+at once: one sync per step, raising the first error found (the values it names are already
+stored). The exceptions, each said where it happens: ``fetch``/``attend`` of a sequence with
+dropped blocks reads the selection (one sync, to recompute the blocks it touches), and the
+torch fetch path on CUDA reads the host rows' indices (one sync per layer; the UVA gather
+kernel does not). Reads of host data (``read``, ``block_table``, ``residency``) and tier moves
+given device tensors of block ids sync by nature.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
 
+from kvstore.attn import merge_states, multi_segment_attention, paged_attention
+from kvstore.attn.segments import BlockSegments
 from kvstore.blocks import BlockPool
 from kvstore.errors import (
     BlockStateError,
@@ -50,6 +72,7 @@ from kvstore.evict.cost import CostModel
 from kvstore.pq.select import Budget, Selection
 from kvstore.pq.sequence import PQConfig, PQSequenceIndex, select_batch
 from kvstore.spec import KVSpec
+from kvstore.syncs import DeferredChecks, upload
 from kvstore.transfer import BlockMover, TransferHandle
 
 __all__ = ["KVStore", "TierUsage", "RecomputeFn"]
@@ -125,6 +148,9 @@ class KVStore:
             ever dropped: a full host tier raises CapacityError instead.
         cost: block cost model the policies read (default: a ModelCost derived from ``spec``).
         allow_nonfinite: accept NaN/Inf in appended K/V (rejected by default).
+        defer_checks: defer the checks that need device values to :meth:`end_step` (module
+            docstring, "Syncs"); default: on CUDA. Off, each check runs (and raises before
+            anything changes) at once.
         pin_host: page-lock the host pool (default: when the device tier is on CUDA).
         pq: keep a product-quantized key index per sequence and layer (PQCache selection,
             :meth:`select`). Its uint8 codes stay on the device tier's device and do not move
@@ -143,6 +169,7 @@ class KVStore:
         recompute: RecomputeFn | None = None,
         cost: CostModel | None = None,
         allow_nonfinite: bool = False,
+        defer_checks: bool | None = None,
         pin_host: bool | None = None,
         pq: PQConfig | None = None,
     ) -> None:
@@ -167,6 +194,7 @@ class KVStore:
         pin = (self.device.type == "cuda") if pin_host is None else bool(pin_host)
         self.recompute = recompute
         self.allow_nonfinite = bool(allow_nonfinite)
+        self.checks = DeferredChecks(immediate=not (self.device.type == "cuda" if defer_checks is None else bool(defer_checks)))
         self.cost = cost if cost is not None else _default_cost(spec)
 
         self.blocks = _Blocks(capacity=max(16, device_blocks + host_blocks))
@@ -180,6 +208,8 @@ class KVStore:
 
         self._seqs: dict[int, _Seq] = {}
         self._pq: dict[int, PQSequenceIndex] = {}
+        self._tables: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]] = {}  # seq -> device block table
+        self._reads: dict[int, tuple[int, torch.Tensor]] = {}  # seq -> (blocks counted, reads per block) of this step
         self._next_seq = 0
         self._free_ids = np.empty(0, dtype=np.int64)  # recycled block ids (stack)
         self._next_id = 0
@@ -206,7 +236,7 @@ class KVStore:
         if self.pq is not None:
             self._pq[seq_id] = PQSequenceIndex(
                 self.spec, self.pq, lambda layer, s=seq_id: self._layer_keys(s, layer),
-                key_gather=lambda layer, positions, s=seq_id: self.gather_keys(s, layer, positions),
+                key_gather=lambda layer, positions, s=seq_id: self.gather_keys(s, layer, positions), checks=self.checks,
             )
         return seq_id
 
@@ -247,6 +277,8 @@ class KVStore:
         self._release_blocks(ids[b.refcount[ids] == 0])
         del self._seqs[seq]
         self._pq.pop(seq, None)
+        self._tables.pop(seq, None)
+        self._reads.pop(seq, None)
         # Shared blocks this sequence created now belong to a surviving holder (recompute asks it).
         orphans = ids[(b.refcount[ids] > 0) & (b.seq[ids] == seq)]
         for other_id, other in self._seqs.items():
@@ -302,8 +334,9 @@ class KVStore:
             layer = self._layer(layer)
             expect = (None, spec.num_kv_heads, spec.head_dim)
             lens = s.layer_lens[layer : layer + 1]
-        self._check_kv(k, "k", expect)
-        self._check_kv(v, "v", expect)
+        where = f"appended to sequence {seq}" + ("" if layer is None else f", layer {layer},")
+        self._check_kv(k, "k", expect, where)
+        self._check_kv(v, "v", expect, where)
         if k.shape != v.shape:
             raise ShapeError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
         t = k.shape[-3]
@@ -359,43 +392,171 @@ class KVStore:
 
     def gather_keys(self, seq: int, layer: int, positions: torch.Tensor) -> torch.Tensor:
         """Keys of ``seq`` in ``layer`` at per-head ``positions: [Hkv, C]`` -> ``[Hkv, C, D]`` on the
-        device, read where the blocks lie (what exact re-ranking reads; not an access)."""
+        device, read where the blocks lie (what exact re-ranking reads; not an access). A
+        position of -1 reads nothing (a zero key)."""
+        return self.fetch(seq, layer, positions, values=False, access=False)[0]
+
+    # ================================================================== fetch and attention
+    def fetch(
+        self, seq: int, layer: int, positions: torch.Tensor, *, values: bool = True, access: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K (and V) of ``seq`` in ``layer`` at per-head token ``positions``: the sparse read of a decode step.
+
+        Args:
+            positions: ``[Hkv, S]`` integer token positions (on the device, or on the CPU), -1
+                for none (a zero row).
+            values: read V too.
+            access: count the read for the eviction policies (at :meth:`end_step` when checks
+                are deferred).
+
+        Returns:
+            ``k, v: [Hkv, S, D]`` on the device (``v`` None without ``values``). Only layer
+            ``layer``'s rows move: from a block's device copy, else straight from its host copy
+            (the mover counts those bytes), never whole blocks. Dropped blocks the positions
+            touch are recomputed into the device tier first (a sync: the positions are read).
+        """
         s = self._seq(seq)
-        n = int(s.layer_lens[self._layer(layer)])
+        layer = self._layer(layer)
         Hkv = self.spec.num_kv_heads
         if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[0] != Hkv:
             shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
-            raise ShapeError(f"gather_keys: positions must be a tensor [{Hkv}, C], got {shape}")
-        pos = positions.cpu().numpy().astype(np.int64, copy=False)
-        bad = pos[(pos < 0) | (pos >= n)]
-        if bad.size:
-            raise OutOfRangeError(f"sequence {seq}: positions {bad[:8].tolist()} out of range [0, {n}) in layer {layer}")
+            raise ShapeError(f"fetch: positions must be a tensor [{Hkv}, S], got {shape}")
+        if positions.dtype.is_floating_point or positions.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise ShapeError(f"fetch: positions must be integers, got {positions.dtype}")
+        if positions.device != self.device:
+            positions = positions.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else positions.to(self.device)
+        positions = positions.long()
+        n = int(s.layer_lens[layer])
+        self._check_range(positions, -1, n, f"fetch: sequence {seq} layer {layer}: positions")
+        ids = s.ids
+        b = self.blocks
+        if np.any((b.dev_slot[ids] < 0) & (b.host_slot[ids] < 0)):
+            touched = np.unique(positions[positions >= 0].cpu().numpy() // self.spec.block_size)
+            self._ensure_resident_ids(ids[touched[touched < ids.size]])
+        dev_slot, host_slot = self._device_table(seq)
+        k, v = self.mover.gather_rows(self.device_pool, self.host_pool, layer, dev_slot, host_slot, positions, values=values)
+        if access:
+            self._note_reads(seq, positions)
+        return k.transpose(0, 1), (v.transpose(0, 1) if v is not None else None)
+
+    def attend(
+        self, seq: int, layer: int, q: torch.Tensor, selection: Selection | torch.Tensor | None = None, *,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of decode queries over ``seq``'s layer ``layer``.
+
+        Args:
+            q: ``[Tq, Hq, D]``, the sequence's last Tq tokens (already appended).
+            selection: None for every token (exact: missing blocks are reloaded or recomputed,
+                in chunks the device tier holds, and the chunks merged by log-sum-exp); a
+                :class:`~kvstore.pq.select.Selection` or positions ``[Hkv, S]`` (no -1) to attend
+                to those tokens only (each KV head its own; every selected token is visible to
+                every query): the rows are read by :meth:`fetch`, one layer only.
+            scale: softmax scale (default ``D ** -0.5``).
+
+        Returns:
+            ``out [Tq, Hq, D]`` in q's dtype and ``lse [Tq, Hq]`` float32 (natural log).
+        """
+        s = self._seq(seq)
+        layer = self._layer(layer)
+        if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[2] != self.spec.head_dim or q.shape[1] != self.spec.num_q_heads:
+            shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+            raise ShapeError(f"attend: q must be [Tq, {self.spec.num_q_heads}, {self.spec.head_dim}], got {shape}")
+        if q.dtype != self.spec.dtype or q.device != self.device:
+            raise ShapeError(f"attend: q is {q.dtype} on {q.device}, the store holds {self.spec.dtype} on {self.device} (no silent casts)")
+        n = int(s.layer_lens[layer])
+        if not 1 <= q.shape[0] <= n:
+            raise ShapeError(f"attend: {q.shape[0]} queries but sequence {seq} holds {n} tokens in layer {layer}")
+        self.checks.add((~torch.isfinite(q)).sum(), partial(_nonfinite, f"attend: queries for sequence {seq} layer {layer}", ""))
+        if selection is None:
+            return self._attend_all(seq, layer, q, n, scale)
+        positions = selection.positions if isinstance(selection, Selection) else selection
+        if isinstance(positions, torch.Tensor) and not positions.dtype.is_floating_point and positions.numel():
+            self._check_range(positions, 0, n, f"attend: sequence {seq} layer {layer}: positions")
+        k, v = self.fetch(seq, layer, positions)
+        return multi_segment_attention(q, [(k.transpose(0, 1), v.transpose(0, 1))], causal_last=False, scale=scale)
+
+    def _attend_all(self, seq: int, layer: int, q: torch.Tensor, n: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over the first ``n`` tokens of ``layer``, the blocks read in place in token order;
+        blocks not on the device come in chunks the device tier holds, merged by log-sum-exp."""
         bs = self.spec.block_size
-        ids = s.ids[pos // bs]
-        offs = pos % bs
-        heads = np.broadcast_to(np.arange(Hkv)[:, None], pos.shape)
-        dev, host, on_dev, on_host, gone = self._where(ids)
-        if on_host.any():
-            self.mover.wait_writes(self.host_pool, host[on_host])
-        tiers = ((on_dev, self.device_pool, dev), (on_host, self.host_pool, host))
-        for where, pool, slots in tiers:
-            if where.all():  # one tier holds them all: its rows come out in order
-                return pool.gather_tokens(layer, 0, slots.ravel(), offs.ravel(), heads.ravel()).to(self.device).view(*pos.shape, -1)
-        out = torch.empty((pos.size, self.spec.head_dim), dtype=self.spec.dtype, device=self.device)
-        t = lambda a: torch.from_numpy(np.flatnonzero(a)).to(self.device)  # noqa: E731
-        for where, pool, slots in tiers:
-            if where.any():
-                out.index_copy_(0, t(where), pool.gather_tokens(layer, 0, slots[where], offs[where], heads[where]).to(self.device))
-        if gone.any():  # dropped blocks: recomputed, not kept
-            k = self.read(seq, pos[gone], layer=layer)[0]  # [T, Hkv, D]
-            out.index_copy_(0, t(gone), k[torch.arange(k.shape[0], device=self.device), torch.from_numpy(heads[gone]).to(self.device)])
-        return out.view(*pos.shape, -1)
+        ids = self._seq(seq).ids[: -(-n // bs)]
+        b = self.blocks
+        k_cache, v_cache = self.device_pool.layer_view(layer, 0), self.device_pool.layer_view(layer, 1)
+        if np.all(b.dev_slot[ids] >= 0):
+            chunks = [ids]
+        else:
+            chunks = [ids[i : i + self.device_pool.num_slots] for i in range(0, ids.size, self.device_pool.num_slots)]
+        outs, lses = [], []
+        for i, chunk in enumerate(chunks):
+            self._ensure_resident_ids(chunk)
+            last = i == len(chunks) - 1
+            segments = BlockSegments.from_runs([b.dev_slot[chunk]], [n - (ids.size - 1) * bs if last else bs], block_size=bs, device=self.device)
+            out, lse = paged_attention(q, k_cache, v_cache, segments, causal_last=last, scale=scale)
+            outs.append(out)
+            lses.append(lse)
+        if len(outs) == 1:
+            return outs[0], lses[0]
+        out, lse = merge_states(torch.stack(outs, 1), torch.stack(lses, 1))
+        return out.to(q.dtype), lse
+
+    def end_step(self) -> None:
+        """Close a decode step: read every deferred check and the step's attention reads at once
+        (one sync on CUDA; nothing to do without deferred checks), tell the eviction policies
+        which blocks were read, re-train drifting PQ layers, and raise the first error found
+        (NonFiniteError, OutOfRangeError) after all of that."""
+        self.checks.flush()
+
+    def _check_range(self, values: torch.Tensor, lo: int, hi: int, what: str) -> None:
+        """OutOfRangeError (deferred: see the module docstring) naming the values outside ``[lo, hi)``."""
+        if not values.numel():
+            return
+        bad = (values < lo) | (values >= hi)
+        far = torch.iinfo(torch.int64)
+        v = values.long()
+        summary = torch.stack([bad.sum(), torch.where(bad, v, far.max).min(), torch.where(bad, v, far.min).max()])
+        self.checks.add(summary, partial(_out_of_range, f"{what} outside [{lo}, {hi})"))
+
+    def _device_table(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dev_slot, host_slot)`` of ``seq``'s blocks as int64 device tensors, uploaded again
+        only when the sequence's residency changed (a comparison of two host arrays)."""
+        ids = self._seqs[seq].ids
+        dev, host = self.blocks.dev_slot[ids], self.blocks.host_slot[ids]
+        cached = self._tables.get(seq)
+        if cached is None or not (np.array_equal(cached[0], dev) and np.array_equal(cached[1], host)):
+            cached = (dev, host, upload(dev, self.device), upload(host, self.device))
+            self._tables[seq] = cached
+        return cached[2], cached[3]
+
+    def _note_reads(self, seq: int, positions: torch.Tensor) -> None:
+        """Count the blocks ``positions: [Hkv, S]`` read (device-side until :meth:`end_step`)."""
+        s = self._seqs[seq]
+        valid = positions >= 0
+        blocks = (positions.clamp_min(0) // self.spec.block_size).reshape(-1)
+        if self.checks.immediate:
+            self._touch(s.ids[np.unique(blocks[valid.reshape(-1)].cpu().numpy())])
+            return
+        counted = self._reads.get(seq)
+        if counted is None or counted[0] != s.num_blocks:
+            counted = (s.num_blocks, torch.zeros(s.num_blocks, dtype=torch.int32, device=self.device))
+            self._reads[seq] = counted
+            self.checks.add(counted[1], partial(self._touch_read, seq, counted[1]))
+        counted[1].index_add_(0, blocks, valid.reshape(-1).to(torch.int32))
+
+    def _touch_read(self, seq: int, counts_tensor: torch.Tensor, counts: np.ndarray) -> None:
+        """The step's reads of ``seq`` reach the policies (a callback of :meth:`end_step`)."""
+        if self._reads.get(seq, (0, None))[1] is counts_tensor:
+            del self._reads[seq]
+        s = self._seqs.get(seq)
+        if s is not None and counts.any():
+            ids = s.ids[: counts.size][counts[: s.num_blocks] > 0]
+            self._touch(ids)
 
     def _layer_keys(self, seq: int, layer: int) -> torch.Tensor:
         """All keys of ``seq`` in ``layer``: ``[Hkv, n, D]``."""
         return self.read(seq, layer=layer)[0].transpose(0, 1)
 
-    def _check_kv(self, x: torch.Tensor, name: str, expect: tuple) -> None:
+    def _check_kv(self, x: torch.Tensor, name: str, expect: tuple, where: str) -> None:
         if not isinstance(x, torch.Tensor):
             raise ShapeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != len(expect) or any(e is not None and e != got for e, got in zip(expect, x.shape)):
@@ -405,20 +566,29 @@ class KVStore:
             raise ShapeError(f"{name} has dtype {x.dtype}, the store holds {self.spec.dtype} (no silent casts)")
         if x.device != self.device:
             raise ShapeError(f"{name} is on {x.device}, the device tier is on {self.device}")
-        if not self.allow_nonfinite and x.numel() and not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise NonFiniteError(f"{name} holds {bad} NaN/Inf values (pass allow_nonfinite=True to accept them)")
+        if not self.allow_nonfinite and x.numel():
+            self.checks.add((~torch.isfinite(x)).sum(), partial(_nonfinite, f"{name} {where}", "pass allow_nonfinite=True to accept them"))
 
     def _write(self, targets: np.ndarray, offset: int, k: torch.Tensor, v: torch.Tensor, layer: int | None) -> None:
         """Write ``T`` tokens into device blocks ``targets``, starting ``offset`` tokens into the first.
 
-        Whole blocks are written as block rows (one ``index_put`` per K and V); the partial
-        blocks at either end token by token.
+        One token (a decode step) is written with plain indexing; more as whole block rows (one
+        ``index_put`` per K and V) plus the partial blocks at either end token by token. Slot
+        indices reach the device without a host wait.
         """
         bs = self.spec.block_size
         t = k.shape[-3]
         kv = self.device_pool.kv
-        slots = torch.from_numpy(self.blocks.dev_slot[targets]).to(self.device)
+        dev_slots = self.blocks.dev_slot[targets]
+        if t == 1:
+            slot = int(dev_slots[0])
+            for i, x in enumerate((k, v)):
+                if layer is None:
+                    kv[slot, :, i, offset] = x[:, 0]
+                else:
+                    kv[slot, layer, i, offset] = x[0]
+            return
+        slots = upload(dev_slots, self.device)
         head = min(t, (bs - offset) % bs)  # tokens completing a partially filled first block
         n_full = (t - head) // bs
         spans = [(0, head), (head + n_full * bs, t)]  # token ranges written token by token
@@ -551,9 +721,14 @@ class KVStore:
         return self._ensure_device(ids, protected=ids, allow_recompute=False)
 
     def ensure_resident(self, blocks) -> TransferHandle:
-        """Make blocks device-resident: load host copies, recompute dropped blocks."""
-        ids = np.unique(self._check_blocks(blocks))
-        return self._ensure_device(ids, protected=ids, allow_recompute=True)
+        """Make blocks device-resident (load host copies, recompute dropped blocks) to be read:
+        an access for the device tier's policy."""
+        return self._ensure_resident_ids(np.unique(self._check_blocks(blocks)))
+
+    def _ensure_resident_ids(self, ids: np.ndarray) -> TransferHandle:
+        handle = self._ensure_device(ids, protected=ids, allow_recompute=True)
+        self._touch(ids)
+        return handle
 
     def drop(self, blocks) -> None:
         """Discard every copy of the blocks; ``recompute`` restores them on next use (lossless mode)."""
@@ -812,6 +987,17 @@ class KVStore:
         assert len(self.host_policy) == host_only.size, "host policy tracks other blocks"
         if self.recompute is None:
             assert np.all((b.dev_slot[live] >= 0) | (b.host_slot[live] >= 0)), "a block lost every copy"
+
+
+def _nonfinite(what: str, hint: str, count: np.ndarray) -> None:
+    if count[0]:
+        raise NonFiniteError(f"{what} hold {int(count[0])} NaN/Inf values" + (f" ({hint})" if hint else ""))
+
+
+def _out_of_range(what: str, summary: np.ndarray) -> None:
+    count, low, high = (int(x) for x in summary)
+    if count:
+        raise OutOfRangeError(f"{what}: {count} of them, from {low} to {high}")
 
 
 def _default_cost(spec: KVSpec) -> CostModel:

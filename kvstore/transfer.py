@@ -52,7 +52,7 @@ from kvstore.errors import ConfigError, OutOfRangeError, ShapeError
 
 __all__ = [
     "BlockMover", "CopyStream", "CudaCopyStream", "ImmediateStream", "StreamOp", "TransferHandle", "TransferStats", "H2D_PATHS", "H2D_PATH_ENV", "DEFAULT_H2D_PATH", "UVA_MAX_RUN_BYTES",
-    "slot_runs", "choose_h2d_path", "gather_blocks",
+    "slot_runs", "choose_h2d_path", "gather_blocks", "gather_rows_torch",
 ]
 
 H2D_PATH_ENV = "KVSTORE_H2D_PATH"
@@ -347,6 +347,7 @@ class BlockMover:
         self._handles: dict[int, TransferHandle] = {}  # ticket -> handle of a copy maybe in flight
         self._next_ticket = 1
         self._landed = 0  # every ticket <= this has landed (the host waited for it)
+        self._row_bytes: torch.Tensor | None = None  # gather_rows' host bytes, counted on the device
 
     def synchronize(self) -> None:
         """Block the host until every copy issued so far has landed."""
@@ -373,6 +374,45 @@ class BlockMover:
         self._landed = ticket  # one stream: every earlier copy landed too
         for t in [t for t in self._handles if t <= ticket]:
             del self._handles[t]
+
+    def gather_rows(
+        self, device_pool: BlockPool, host_pool: BlockPool, layer: int, dev_slot: torch.Tensor, host_slot: torch.Tensor,
+        positions: torch.Tensor, *, values: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One layer's K (and V) rows of one sequence's tokens, wherever their blocks lie.
+
+        Args:
+            device_pool, host_pool: the two tiers.
+            layer: the layer whose rows are read (only its bytes move).
+            dev_slot, host_slot: ``[num_blocks]`` int64 on the device, the sequence's block table
+                per tier (-1 where the block has no copy there).
+            positions: ``[H, S]`` int64 on the device, the token each KV head reads; -1 reads
+                nothing (a zero row).
+            values: read V rows too.
+
+        Returns:
+            ``k, v: [S, H, D]`` on the device (``v`` None without ``values``): a row comes from the
+            device copy of its block, else the host copy (through UVA, counted in
+            :attr:`row_bytes`), else it is zero (the block has no copy: the caller restores it first).
+
+        Runs on the current stream after the copies into both pools. Syncs: none on the CPU;
+        on CUDA the torch path reads the host rows' indices (one sync: see :func:`gather_rows_torch`).
+        """
+        self.wait_writes(host_pool, host=False)
+        self.wait_writes(device_pool, host=False)
+        k, v, host_rows = gather_rows_torch(device_pool, host_pool, layer, dev_slot, host_slot, positions, values=values)
+        row = device_pool.spec.head_dim * device_pool.kv.element_size() * (2 if values else 1)
+        if self._row_bytes is None:
+            self._row_bytes = torch.zeros((), dtype=torch.int64, device=positions.device)
+        self._row_bytes += host_rows * row
+        return k, v
+
+    @property
+    def row_bytes(self) -> torch.Tensor:
+        """Bytes :meth:`gather_rows` read from host memory so far: an int64 device scalar (reading it syncs)."""
+        if self._row_bytes is None:
+            return torch.zeros((), dtype=torch.int64)
+        return self._row_bytes
 
     def copy(self, src: BlockPool, src_slots: np.ndarray, dst: BlockPool, dst_slots: np.ndarray) -> TransferHandle:
         """Copy ``src.kv[src_slots]`` into ``dst.kv[dst_slots]`` (same length, whole blocks).
@@ -431,6 +471,59 @@ class BlockMover:
             return path, partial(H2D_PATHS[path], s_kv, src_slots, d_kv, dst_slots)
         # device -> host (or device -> device): gather on the device, one copy per run of destination slots
         return None, partial(_gather_then_copy_runs, s_kv, src_slots, d_kv, dst_slots)
+
+
+def gather_rows_torch(
+    device_pool: BlockPool, host_pool: BlockPool, layer: int, dev_slot: torch.Tensor, host_slot: torch.Tensor,
+    positions: torch.Tensor, *, values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:meth:`BlockMover.gather_rows` in torch ops (the reference), plus the count of rows read
+    from the host pool (an int64 device scalar).
+
+    On the CPU both pools are read in place. On CUDA a torch op cannot read host memory, so the
+    host rows' indices come to the host (one sync), the CPU gathers those rows and one
+    non-blocking copy brings them over.
+    """
+    spec = device_pool.spec
+    bs, L, H, D = spec.block_size, spec.num_layers, positions.shape[0], spec.head_dim
+    device = positions.device
+    valid = positions >= 0
+    pos = positions.clamp_min(0)
+    blk = (pos // bs).reshape(-1)
+    d_slot = dev_slot.index_select(0, blk).view_as(pos)
+    h_slot = host_slot.index_select(0, blk).view_as(pos)
+    on_dev = valid & (d_slot >= 0)
+    on_host = valid & ~on_dev & (h_slot >= 0)
+    heads = torch.arange(H, device=device)[:, None]
+    off = pos % bs
+
+    def rows(slot: torch.Tensor, kv: int) -> torch.Tensor:  # flat row index into pool.kv.view(-1, D)
+        return ((((slot.clamp_min(0) * L + layer) * 2 + kv) * bs + off) * H + heads).transpose(0, 1).reshape(-1)
+
+    mask_dev, mask_host = on_dev.transpose(0, 1).reshape(-1, 1), on_host.transpose(0, 1).reshape(-1, 1)
+    dev_flat = device_pool.kv.view(-1, D)
+    host_flat = host_pool.kv.view(-1, D) if host_pool.num_slots else None
+    if host_flat is not None and device.type == "cuda":
+        both = torch.stack([mask_host.reshape(-1).long(), rows(h_slot, 0)]).cpu()  # the one sync
+        picked = torch.from_numpy(np.flatnonzero(both[0].numpy()))
+        host_k_rows = both[1][picked]  # a V row is bs * H rows after its K row
+
+    def read(kv: int) -> torch.Tensor:
+        out = torch.where(mask_dev, dev_flat.index_select(0, rows(d_slot, kv)), 0)
+        if host_flat is None:
+            return out.view(-1, H, D)
+        if device.type == "cuda":
+            index = host_k_rows + kv * bs * H
+            fetched = host_flat.index_select(0, index)
+            fetched = fetched.pin_memory().to(device, non_blocking=True) if host_pool.is_pinned else fetched.to(device)
+            out.index_copy_(0, picked.to(device, non_blocking=True), fetched)
+        else:
+            out = torch.where(mask_host, host_flat.index_select(0, rows(h_slot, kv)), out)
+        return out.view(-1, H, D)
+
+    k = read(0)
+    v = read(1) if values else None
+    return k, v, on_host.sum()
 
 
 def _copy_runs(s_kv: torch.Tensor, d_kv: torch.Tensor, src_starts: np.ndarray, dst_starts: np.ndarray, lengths: np.ndarray) -> None:

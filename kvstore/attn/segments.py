@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from kvstore.errors import ConfigError, OutOfRangeError, ShapeError
+from kvstore.syncs import upload
 
 __all__ = ["BlockSegments"]
 
@@ -133,7 +134,7 @@ class BlockSegments:
         num_tokens = int(block_start[-1])
         if num_tokens >= 2**31:
             raise ConfigError(f"BlockSegments: {num_tokens} tokens do not fit int32 indices")
-        packed = torch.from_numpy(np.concatenate([slots_np, block_start]).astype(np.int32)).to(device)
+        packed = upload(np.concatenate([slots_np, block_start]).astype(np.int32), device)  # no host wait
         return cls(
             slots=packed[: slots_np.size],
             block_start=packed[slots_np.size :],

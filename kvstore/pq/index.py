@@ -19,13 +19,23 @@ other key shares); their ADC scores are badly off. ``train`` sets a per-head thr
 ``add`` records the positions of the keys above it (int64 per outlier: at 1% that is 0.08 B
 per token per head). The index cannot score them better itself; selection with exact
 re-ranking (kvstore.pq.select, ``SelectionConfig.refine``) always re-scores them exactly.
+The outlier buffer holds ``2 * outlier_fraction`` of the code capacity, twice what keys that
+fit the training distribution produce; more outliers than that means the keys drifted away
+from the codebooks: the extra ones are not recorded and :attr:`outliers_overflowed` is set
+(re-training, which kvstore.pq.sequence does, starts afresh).
+
+Syncs. ``add`` and the search never wait for the device (the outlier bookkeeping stays there);
+``add(check_finite=True)`` (the default) and the other checks of values read one flag (a sync on
+CUDA); :attr:`outliers` reads the counts to trim its width (a sync: :attr:`outlier_slots` does not).
 
 Invariants: ``codes[:, :ntotal]`` are valid; ``ntotal <= capacity``; the code buffer grows by
-doubling, so ``add`` is amortised O(tokens added); ``_outliers[h, :_outlier_counts[h]]`` are
-the outlier positions of head ``h``, ascending, all ``< ntotal``.
+doubling, so ``add`` is amortised O(tokens added); ``_outliers[h, :min(count, cap)]`` are
+the outlier positions of head ``h``, ascending, all ``< ntotal``; every other entry is -1.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -76,7 +86,8 @@ class PQIndex:
         self.kmeans_config = kmeans or KMeansConfig()
         self.outlier_fraction = float(outlier_fraction)
         self.outlier_threshold: torch.Tensor | None = None  # [H] relative error above which a key is an outlier
-        self._outliers: torch.Tensor | None = None  # [H, capacity] int64 positions
+        self._outliers: torch.Tensor | None = None  # [H, capacity + 1] int64 positions, -1 = none; the last column is a dump
+        self._outlier_capacity = 0
         self._outlier_counts: torch.Tensor | None = None  # [H] int64
         self.centroids: torch.Tensor | None = None  # [H, M, K, dsub] float32
         self.train_error: torch.Tensor | None = None  # [H] mean relative quantization error of the training keys
@@ -114,12 +125,25 @@ class PQIndex:
 
     @property
     def outliers(self) -> torch.Tensor:
-        """``[H, O]`` int64 outlier positions per head, ascending, padded with -1 (``O`` = the most any head has)."""
+        """``[H, O]`` int64 outlier positions per head, ascending, padded with -1 (``O`` = the most
+        any head has; reading it is a sync on CUDA)."""
+        slots = self.outlier_slots
+        width = int((slots >= 0).sum(1).max()) if slots.numel() else 0
+        return slots[:, :width]
+
+    @property
+    def outlier_slots(self) -> torch.Tensor:
+        """``[H, capacity]`` int64 outlier positions per head, ascending, padded with -1 (a view, no sync)."""
         self._require_trained("outliers")
-        assert self._outliers is not None and self._outlier_counts is not None
-        width = int(self._outlier_counts.max()) if self._outlier_counts.numel() else 0
-        out = self._outliers[:, :width]
-        return out.masked_fill(torch.arange(width, device=out.device) >= self._outlier_counts[:, None], -1)
+        assert self._outliers is not None
+        return self._outliers[:, : self._outlier_capacity]
+
+    @property
+    def outliers_overflowed(self) -> torch.Tensor:
+        """A bool device scalar: some outliers were not recorded since the last training (drift)."""
+        self._require_trained("outliers_overflowed")
+        assert self._outlier_counts is not None
+        return (self._outlier_counts > self._outlier_capacity).any()
 
     @property
     def code_bytes_per_token(self) -> int:
@@ -137,7 +161,7 @@ class PQIndex:
         if self.centroids is None:
             raise IndexStateError(f"PQIndex.{op}: the index is not trained; call train(keys) first")
 
-    def _check_keys(self, op: str, keys: torch.Tensor, *, trained: bool = True) -> None:
+    def _check_keys(self, op: str, keys: torch.Tensor, *, trained: bool = True, finite: bool = True) -> None:
         if not isinstance(keys, torch.Tensor) or keys.dim() != 3:
             shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
             raise ShapeError(f"PQIndex.{op}: expected keys [heads, tokens, head_dim], got {shape}")
@@ -150,7 +174,7 @@ class PQIndex:
                 raise ShapeError(f"PQIndex.{op}: {keys.shape[0]} heads != index heads {self.num_heads}")
             if keys.device != self.device:
                 raise ShapeError(f"PQIndex.{op}: keys on {keys.device}, index on {self.device}")
-        if not bool(torch.isfinite(keys).all()):
+        if finite and not bool(torch.isfinite(keys).all()):
             bad = int((~torch.isfinite(keys)).sum())
             raise NonFiniteError(f"PQIndex.{op}: keys contain {bad} NaN/Inf values")
 
@@ -207,8 +231,10 @@ class PQIndex:
         else:
             self.outlier_threshold = torch.full((H,), float("inf"), device=keys.device)
         self._codes = torch.empty((H, _MIN_CAPACITY, M), dtype=torch.uint8, device=keys.device)
-        self._outliers = torch.empty((H, _MIN_CAPACITY), dtype=torch.int64, device=keys.device)
+        self._outlier_capacity = 0
+        self._outliers = torch.full((H, 1), -1, dtype=torch.int64, device=keys.device)
         self._outlier_counts = torch.zeros(H, dtype=torch.int64, device=keys.device)
+        self._grow_outliers()
         self.ntotal = 0
 
     def encode(self, keys: torch.Tensor) -> torch.Tensor:
@@ -229,43 +255,57 @@ class PQIndex:
         idx = codes.long().permute(0, 2, 1).unsqueeze(-1).expand(H, M, N, self.subspace_dim)
         return torch.gather(self.centroids, 2, idx).permute(0, 2, 1, 3).reshape(H, N, self.head_dim)
 
-    def add(self, keys: torch.Tensor) -> torch.Tensor:
+    def add(self, keys: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """Encode ``keys: [H, N, D]`` and append their codes (token positions ``ntotal..ntotal+N-1``).
+
+        ``check_finite=False`` skips the NaN/Inf check (a sync on CUDA); the caller checks.
 
         Returns:
             ``[H, N]`` relative squared quantization error of the added keys,
             ``||k - decode(encode(k))||^2 / ||k||^2`` (what the drift monitor tracks).
         """
         self._require_trained("add")
-        self._check_keys("add", keys)
+        self._check_keys("add", keys, finite=check_finite)
         assert self.centroids is not None and self._codes is not None
         codes, err = self._encode(keys, self.centroids)
         assert self.outlier_threshold is not None
+        self._reserve(self.ntotal + codes.shape[1])
         self._append_outliers(err > self.outlier_threshold[:, None], self.ntotal)
         self._append_codes(codes)
         return err
 
-    def _append_outliers(self, flags: torch.Tensor, start: int) -> None:
-        """Record the positions ``start + j`` where ``flags: [H, n]`` is set, per head."""
-        assert self._outliers is not None and self._outlier_counts is not None
-        new = flags.sum(1)
-        if not bool(new.any()):
-            return
-        end = self._outlier_counts + new
-        need = int(end.max())
-        if need > self._outliers.shape[1]:
-            grown = torch.empty((self._outliers.shape[0], max(need, 2 * self._outliers.shape[1])), dtype=torch.int64, device=flags.device)
-            grown[:, : self._outliers.shape[1]] = self._outliers
-            self._outliers = grown
-        h, j = flags.nonzero(as_tuple=True)  # row-major: ascending j within each head
-        rank = torch.cumsum(flags, 1)[h, j] - 1
-        self._outliers[h, self._outlier_counts[h] + rank] = start + j
-        self._outlier_counts = end
-
-    def _append_codes(self, codes: torch.Tensor) -> None:
+    def _outlier_room(self) -> int:
+        """Outlier positions the buffer holds per head for the current code capacity."""
         assert self._codes is not None
-        n = codes.shape[1]
-        end = self.ntotal + n
+        return math.ceil(2 * self.outlier_fraction * self._codes.shape[1]) if self.outlier_fraction > 0 else 0
+
+    def _grow_outliers(self) -> None:
+        """Widen the outlier buffer to :meth:`_outlier_room` (plus the dump column ``[:, capacity]``)."""
+        assert self._outliers is not None
+        cap = self._outlier_room()
+        if cap <= self._outlier_capacity:
+            return
+        grown = torch.full((self._outliers.shape[0], cap + 1), -1, dtype=torch.int64, device=self._outliers.device)
+        grown[:, : self._outlier_capacity] = self._outliers[:, : self._outlier_capacity]
+        self._outliers = grown
+        self._outlier_capacity = cap
+
+    def _append_outliers(self, flags: torch.Tensor, start: int) -> None:
+        """Record the positions ``start + j`` where ``flags: [H, n]`` is set, per head, on the
+        device (no sync): each flagged key goes to its head's next free column, keys past the
+        capacity to the dump column, which is cleared after."""
+        assert self._outliers is not None and self._outlier_counts is not None
+        cap = self._outlier_capacity
+        rank = torch.cumsum(flags, 1) - 1 + self._outlier_counts[:, None]
+        col = torch.where(flags & (rank < cap), rank, cap)
+        pos = torch.arange(start, start + flags.shape[1], device=flags.device).expand_as(col)
+        self._outliers.scatter_(1, col, pos)
+        self._outliers[:, cap] = -1
+        self._outlier_counts = self._outlier_counts + flags.sum(1)
+
+    def _reserve(self, end: int) -> None:
+        """Grow the code buffer (by doubling) and the outlier buffer with it to hold ``end`` tokens."""
+        assert self._codes is not None
         if end > self._codes.shape[1]:
             grown = torch.empty(
                 (self._codes.shape[0], max(end, 2 * self._codes.shape[1]), self.num_subspaces),
@@ -273,6 +313,12 @@ class PQIndex:
             )
             grown[:, : self.ntotal] = self._codes[:, : self.ntotal]
             self._codes = grown
+            self._grow_outliers()
+
+    def _append_codes(self, codes: torch.Tensor) -> None:
+        assert self._codes is not None
+        end = self.ntotal + codes.shape[1]
+        self._reserve(end)
         self._codes[:, self.ntotal : end] = codes
         self.ntotal = end
 
@@ -307,6 +353,7 @@ class PQIndex:
         self.ntotal = 0
         if self._outlier_counts is not None:
             self._outlier_counts.zero_()
+            self._outliers.fill_(-1)
 
     def quantization_error(self, keys: torch.Tensor) -> torch.Tensor:
         """Mean relative squared quantization error per head of ``keys: [H, N, D]`` -> ``[H]``."""
@@ -339,6 +386,7 @@ class PQIndex:
         if centroids is None:
             self.centroids = self.train_error = self._codes = self.outlier_threshold = None
             self._outliers = self._outlier_counts = None
+            self._outlier_capacity = 0
             self.ntotal = 0
             return
         M, K, dsub = self.num_subspaces, self.num_centroids, self.subspace_dim
@@ -358,8 +406,10 @@ class PQIndex:
         self.train_error = state["train_error"].clone()
         self.outlier_threshold = state["outlier_threshold"].clone()
         self._codes = torch.empty((H, max(_MIN_CAPACITY, codes.shape[1]), M), dtype=torch.uint8, device=device)
-        self._outliers = torch.empty((H, max(_MIN_CAPACITY, outliers.shape[1])), dtype=torch.int64, device=device)
-        self._outlier_counts = (outliers >= 0).sum(1).to(device)
+        self._outlier_capacity = outliers.shape[1]
+        self._outliers = torch.full((H, outliers.shape[1] + 1), -1, dtype=torch.int64, device=device)
         self._outliers[:, : outliers.shape[1]] = outliers.to(device)
+        self._outlier_counts = (outliers >= 0).sum(1).to(device)
+        self._grow_outliers()
         self.ntotal = 0
         self._append_codes(codes.to(device))

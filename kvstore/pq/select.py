@@ -21,6 +21,9 @@ the caller supplies (``keys``: the store gathers them from its blocks), before t
 top-k. Codes stay 4 B per token; the price is reading the shortlist's keys, ``refine`` times
 the K bytes of the selected tokens plus the outliers'. ``refine = 1`` (default) is PQCache's
 selection: codes only.
+
+Syncs: none, but the NaN/Inf check of the queries (``check_finite=True``, the default; the
+store defers it) and :attr:`Selection.blocks`, which reads the positions.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
+import numpy as np
 import torch
 
 from kvstore.errors import ConfigError, IndexStateError, NonFiniteError, ShapeError
 from kvstore.pq.adc import AGGREGATES, lookup_tables
 from kvstore.pq.search_cuda import adc_topk  # fused CUDA kernel when enabled, the torch reference otherwise
 from kvstore.pq.index import PQIndex
+from kvstore.syncs import upload
 
 __all__ = ["Budget", "KeySource", "SelectionConfig", "Selection", "gather_keys", "resolve_budget", "select_tokens", "window_selection"]
 
@@ -42,7 +47,7 @@ __all__ = ["Budget", "KeySource", "SelectionConfig", "Selection", "gather_keys",
 Budget = Union[int, float]
 
 #: Exact keys of a sequence for re-ranking: all of them, ``[Hkv, N, D]``, or a gather
-#: ``fn(positions: [Hkv, C] int64) -> [Hkv, C, D]``.
+#: ``fn(positions: [Hkv, C] int64) -> [Hkv, C, D]`` (a position of -1 is no candidate: any row will do).
 KeySource = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 
@@ -87,16 +92,22 @@ class Selection:
     """The tokens one decode step reads for one sequence and layer.
 
     Attributes:
-        positions: ``[Hkv, S]`` int64, each row sorted ascending, no duplicates; every head
-            selects the same number ``S`` of tokens.
-        blocks: ``[nb]`` int64 sorted distinct blocks (``position // block_size``) holding any
-            selected token of any head: what must be resident to attend.
+        positions: ``[Hkv, S]`` int64 on the index's device, each row sorted ascending, no
+            duplicates; every head selects the same number ``S`` of tokens.
         num_tokens: tokens of the sequence when selected.
+        block_size: tokens per block (what :attr:`blocks` counts in).
     """
 
     positions: torch.Tensor
-    blocks: torch.Tensor
     num_tokens: int
+    block_size: int
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """``[nb]`` int64 sorted distinct block indices (``position // block_size``, into the
+        sequence's block table) holding any selected token of any head, as a CPU tensor. It
+        reads the positions (a sync on CUDA); :meth:`kvstore.store.KVStore.attend` does not need it."""
+        return torch.unique(self.positions // self.block_size).cpu()
 
 
 def resolve_budget(budget: Budget, num_tokens: int) -> int:
@@ -127,7 +138,7 @@ def _assemble(heads: int, num_tokens: int, sinks: int, window: int, top: torch.T
     ).expand(heads, -1)
     positions = fixed if top is None else torch.cat([fixed, top], 1)
     positions = positions.sort(dim=1).values
-    return Selection(positions=positions, blocks=torch.unique(positions // block_size), num_tokens=num_tokens)
+    return Selection(positions=positions, num_tokens=num_tokens, block_size=block_size)
 
 
 def window_selection(heads: int, num_tokens: int, budget: Budget, *, config: SelectionConfig, block_size: int, device=None) -> Selection:
@@ -137,14 +148,14 @@ def window_selection(heads: int, num_tokens: int, budget: Budget, *, config: Sel
     return _assemble(heads, num_tokens, sinks, b - sinks, None, device, block_size)
 
 
-def _check_queries(index: PQIndex, queries: torch.Tensor, i: int) -> None:
+def _check_queries(index: PQIndex, queries: torch.Tensor, i: int, *, finite: bool) -> None:
     H, D = index.num_heads, index.head_dim
     assert H is not None
     if queries.dim() != 2 or queries.shape[1] != D or queries.shape[0] % H:
         raise ShapeError(f"select_tokens: queries[{i}] must be [Hq, {D}] with Hq a multiple of {H} KV heads, got {tuple(queries.shape)}")
     if queries.device != index.device:
         raise ShapeError(f"select_tokens: queries[{i}] on {queries.device}, index on {index.device}")
-    if not bool(torch.isfinite(queries).all()):
+    if finite and not bool(torch.isfinite(queries).all()):
         raise NonFiniteError(f"select_tokens: queries[{i}] contain NaN/Inf values")
 
 
@@ -157,6 +168,7 @@ def select_tokens(
     block_size: int = 16,
     scale: float | None = None,
     keys: Sequence[KeySource] | None = None,
+    check_finite: bool = True,
 ) -> list[Selection]:
     """Select the tokens of one layer for a batch of sequences.
 
@@ -168,7 +180,10 @@ def select_tokens(
         config: sinks, window and GQA aggregation.
         block_size: tokens per block, to report the blocks.
         scale: softmax scale of the aggregation, default ``1/sqrt(D)``.
-        keys: one KeySource per sequence, required when ``config.refine > 1``.
+        keys: one KeySource per sequence, required when ``config.refine > 1``; a gather is given
+            -1 for candidates that are not (their rows are never scored).
+        check_finite: reject NaN/Inf queries (reads a flag: a sync on CUDA); False when the
+            caller checks them itself.
 
     Returns:
         One Selection per sequence.
@@ -192,7 +207,7 @@ def select_tokens(
         same = (index.num_heads, index.head_dim, index.num_subspaces, index.bits, index.device)
         if same != (first.num_heads, first.head_dim, first.num_subspaces, first.bits, first.device):
             raise ShapeError(f"select_tokens: index {i} {index!r} differs from index 0 {first!r}")
-        _check_queries(index, queries[i], i)
+        _check_queries(index, queries[i], i, finite=check_finite)
     sizes = [resolve_budget(b, index.ntotal) for b, index in zip(budgets, indices)]
     H, device = first.num_heads, first.device
     assert H is not None
@@ -223,8 +238,8 @@ def select_tokens(
         centroids = torch.stack([index.centroids for index in rows]).flatten(0, 1)  # [R*H, M, K, dsub]
         q = torch.stack([queries[i] for i, *_ in ranked]).view(len(rows) * H, -1, first.head_dim)  # [R*H, G, D]
         tables = lookup_tables(q, centroids)
-        lo = torch.tensor([s for _, s, _, _ in ranked], device=device).repeat_interleave(H)
-        hi = torch.tensor([indices[i].ntotal - w for i, _, w, _ in ranked], device=device).repeat_interleave(H)
+        lo = upload(np.repeat([s for _, s, _, _ in ranked], H), device)
+        hi = upload(np.repeat([indices[i].ntotal - w for i, _, w, _ in ranked], H), device)
         scale = scale if scale is not None else 1.0 / math.sqrt(first.head_dim)
         short = [min(math.ceil(config.refine * t), indices[i].ntotal - w - s) for i, s, w, t in ranked]
         k = max(short)
@@ -242,8 +257,8 @@ def select_tokens(
 
 
 def gather_keys(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``keys: [H, N, D]`` at per-head ``positions: [H, C]`` -> ``[H, C, D]``."""
-    return keys.gather(1, positions.to(keys.device)[..., None].expand(-1, -1, keys.shape[2]))
+    """``keys: [H, N, D]`` at per-head ``positions: [H, C]`` -> ``[H, C, D]`` (a -1 position gives key 0)."""
+    return keys.gather(1, positions.to(keys.device).clamp_min(0)[..., None].expand(-1, -1, keys.shape[2]))
 
 
 def _rerank(
@@ -255,13 +270,13 @@ def _rerank(
     Returns ``[H, k]`` int64 positions. ``queries: [Hq, D]``; ``keys`` as in ``select_tokens``.
     """
     H, D = shortlist.shape[0], queries.shape[1]
-    outliers = index.outliers.to(shortlist.device)  # [H, O], -1 past each head's count
+    outliers = index.outlier_slots.to(shortlist.device)  # [H, O], -1 past each head's count
     cand = torch.cat([shortlist, outliers], 1)  # [H, C']
     invalid = (cand < lo) | (cand >= hi)
     if outliers.shape[1]:  # an outlier already shortlisted is scored once
         listed = torch.zeros((H, index.ntotal), dtype=torch.bool, device=shortlist.device).scatter_(1, shortlist, True)
         invalid[:, shortlist.shape[1] :] |= listed.gather(1, outliers.clamp_min(0))
-    cand = cand.masked_fill(invalid, lo)  # any valid position: its score is masked below
+    cand = cand.masked_fill(invalid, -1)  # not read, and its score is masked below
     if isinstance(keys, torch.Tensor):
         if keys.dim() != 3 or keys.shape[0] != H or keys.shape[2] != D or keys.shape[1] < hi:
             raise ShapeError(f"select_tokens: keys must be [{H}, >= {hi}, {D}], got {tuple(keys.shape)}")
@@ -276,4 +291,4 @@ def _rerank(
     probs = torch.softmax(logits, -1)
     score = probs.sum(1) if aggregate == "sum" else probs.amax(1)
     score = score.masked_fill(invalid, -1.0)
-    return cand.gather(1, score.topk(k, -1).indices)
+    return cand.gather(1, score.topk(k, -1).indices)  # k <= valid candidates: never a -1

@@ -18,6 +18,13 @@ The store owns K/V in blocks; this object owns what selection needs beside them:
   Llama-3-8B's 32 layers x 8 heads, 1/128 of its fp16 KV), so they never move with blocks;
   selection reads them where the queries are.
 
+Syncs. ``add`` and ``select`` never wait for the device but while training (k-means, at
+prefill and on re-training). The checks that need values go through ``checks`` (a
+:class:`kvstore.syncs.DeferredChecks`): NaN/Inf keys and queries, and the drift test (error
+moving average above the threshold, or more outliers than the index holds); with deferred
+checks they are read at the store's ``end_step`` (one sync for everything), and a layer found
+drifting is re-trained then.
+
 KVStore integration (the calls are thin): create one per sequence with
 ``key_source=lambda layer: <all keys of the sequence for layer, [Hkv, n, D]>``; call
 ``add(layer, k)`` after writing a token's K (``k: [Hkv, n, D]``) into its block, so
@@ -27,6 +34,7 @@ KVStore integration (the calls are thin): create one per sequence with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -36,6 +44,7 @@ from kvstore.pq.index import PQIndex
 from kvstore.pq.kmeans import KMeansConfig
 from kvstore.pq.select import Budget, Selection, SelectionConfig, gather_keys, select_tokens, window_selection
 from kvstore.spec import KVSpec
+from kvstore.syncs import DeferredChecks
 
 __all__ = ["DriftConfig", "PQConfig", "PQSequenceIndex", "select_batch"]
 
@@ -121,13 +130,14 @@ class PQSequenceIndex:
         key_source: ``key_source(layer) -> [Hkv, n, D]``, all keys of the sequence for a layer
             (including those being added); called to train late and to re-train.
         key_gather: ``key_gather(layer, positions: [Hkv, C]) -> [Hkv, C, D]``, the exact keys
-            that re-ranking reads (``selection.refine > 1``); default: gathered from
-            ``key_source(layer)``.
+            that re-ranking reads (``selection.refine > 1``; -1 marks no candidate); default:
+            gathered from ``key_source(layer)``.
+        checks: where value checks go (default: run at once).
     """
 
     def __init__(
         self, spec: KVSpec, config: PQConfig, key_source: Callable[[int], torch.Tensor],
-        key_gather: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        key_gather: Callable[[int, torch.Tensor], torch.Tensor] | None = None, *, checks: DeferredChecks | None = None,
     ) -> None:
         if spec.head_dim % config.num_subspaces:
             raise ConfigError(f"PQSequenceIndex: head_dim={spec.head_dim} is not a multiple of num_subspaces={config.num_subspaces}")
@@ -135,6 +145,7 @@ class PQSequenceIndex:
         self.config = config
         self.key_source = key_source
         self.key_gather = key_gather or (lambda layer, positions: gather_keys(self.key_source(layer), positions))
+        self.checks = checks if checks is not None else DeferredChecks(immediate=True)
         L = spec.num_layers
         self.indexes = [config.make_index(spec.head_dim) for _ in range(L)]
         self.num_tokens = [0] * L
@@ -153,8 +164,7 @@ class PQSequenceIndex:
         if not isinstance(keys, torch.Tensor) or keys.dim() != 3 or keys.shape[0] != Hkv or keys.shape[2] != D:
             shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
             raise ShapeError(f"PQSequenceIndex.add: expected keys [{Hkv}, tokens, {D}], got {shape}")
-        if not bool(torch.isfinite(keys).all()):
-            raise NonFiniteError(f"PQSequenceIndex.add: layer {layer} keys contain NaN/Inf values")
+        self.checks.add((~torch.isfinite(keys)).sum(), partial(_nonfinite, f"PQSequenceIndex.add: layer {layer} keys"))
         index = self.indexes[layer]
         n = keys.shape[1]
         if not index.is_trained:
@@ -163,27 +173,28 @@ class PQSequenceIndex:
             else:
                 self.num_tokens[layer] += n
             return
-        err = index.add(keys).mean(1)  # [Hkv]
+        err = index.add(keys, check_finite=False).mean(1)  # [Hkv]
         self.num_tokens[layer] += n
         self._since_train[layer] += n
         decay = (1.0 - 1.0 / self.config.drift.window) ** n
         ema = self._ema[layer]
         self._ema[layer] = err if ema is None else decay * ema + (1.0 - decay) * err
-        if self._retrain_due(layer):
-            self._train(layer, self.key_source(layer))
-
-    def _retrain_due(self, layer: int) -> bool:
         drift = self.config.drift
         since = self._since_train[layer]
         if since < drift.min_interval:
-            return False
+            return
         if drift.every is not None and since >= drift.every:
-            return True
-        if drift.threshold is None:
-            return False
-        train_error = self.indexes[layer].train_error
-        assert train_error is not None and self._ema[layer] is not None
-        return bool((self._ema[layer] > drift.threshold * train_error).any())
+            self._train(layer, self.key_source(layer))
+        elif drift.threshold is not None:
+            train_error = index.train_error
+            assert train_error is not None and self._ema[layer] is not None
+            drifting = (self._ema[layer] > drift.threshold * train_error).any() | index.outliers_overflowed
+            self.checks.add(drifting, partial(self._retrain_if, layer, self.trainings[layer]))
+
+    def _retrain_if(self, layer: int, generation: int, drifting) -> None:
+        """Re-train ``layer`` if ``drifting`` was read as set for its training ``generation``."""
+        if drifting[0] and self.trainings[layer] == generation:
+            self._train(layer, self.key_source(layer))
 
     def _train(self, layer: int, keys: torch.Tensor) -> None:
         """(Re-)train ``layer`` on all its keys ``[Hkv, n, D]`` and re-encode them."""
@@ -214,6 +225,8 @@ def select_batch(seqs: Sequence[PQSequenceIndex], layer: int, queries: Sequence[
     """
     if len(queries) != len(seqs) or len(budgets) != len(seqs):
         raise ShapeError(f"select_batch: {len(seqs)} sequences, {len(queries)} queries, {len(budgets)} budgets")
+    if seqs and isinstance(queries, torch.Tensor):
+        seqs[0].checks.add((~torch.isfinite(queries)).sum(), partial(_nonfinite, f"select: layer {layer} queries"))
     out: list[Selection | None] = [None] * len(seqs)
     trained = []
     for i, seq in enumerate(seqs):
@@ -231,7 +244,13 @@ def select_batch(seqs: Sequence[PQSequenceIndex], layer: int, queries: Sequence[
             [seqs[i].indexes[layer] for i in trained], [queries[i] for i in trained], [budgets[i] for i in trained],
             config=first.config.selection, block_size=first.spec.block_size,
             keys=[lambda pos, s=seqs[i]: s.key_gather(layer, pos) for i in trained],
+            check_finite=not isinstance(queries, torch.Tensor),
         )
         for i, sel in zip(trained, picked):
             out[i] = sel
     return out  # type: ignore[return-value]
+
+
+def _nonfinite(what: str, count) -> None:
+    if count[0]:
+        raise NonFiniteError(f"{what} contain {int(count[0])} NaN/Inf values")

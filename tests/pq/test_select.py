@@ -128,7 +128,7 @@ def test_refine_finds_the_needles_and_beats_codes_only(indexes, small_layer):
     cfg, data = small_layer
     keys = data.keys[:, :2048]
     plain, refined = SelectionConfig(num_sinks=8, recent_window=32), SelectionConfig(num_sinks=8, recent_window=32, refine=2.0)
-    gather = lambda pos: keys.gather(1, pos[..., None].expand(-1, -1, cfg.head_dim))  # noqa: E731  (the callable form)
+    gather = lambda pos: keys.gather(1, pos.clamp_min(0)[..., None].expand(-1, -1, cfg.head_dim))  # noqa: E731  (the callable form; -1 = not a candidate)
     mass = {"plain": 0.0, "refined": 0.0}
     for step, pos in zip(data.needle_steps.tolist(), data.needle_positions.tolist()):
         q = data.queries[step]
