@@ -146,7 +146,7 @@ class SyncCounter(TorchDispatchMode):
             elif func in (_aten._to_copy.default, _aten.copy_.default) and self._blocking_download(func, args, kwargs):
                 self._record("blocking copy to the host")
         out = func(*args, **kwargs)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not self._paused:
             explicit = "device" in kwargs and torch.device(kwargs["device"]).type == "cpu" and not _has_tensor(flat)
             if bound or explicit:
                 for t in tree_flatten(out)[0]:
@@ -184,7 +184,10 @@ class SyncCounter(TorchDispatchMode):
                 counter._record(f"Tensor.{name}")
             counter._paused += 1  # .numpy() may call .cpu(): one read, counted once
             try:
-                return original(t, *args, **kwargs)
+                out = original(t, *args, **kwargs)
+                if out is t:  # .cpu() of a CPU tensor: what comes back is host data now
+                    out = t.detach()
+                return out
             finally:
                 counter._paused -= 1
 
