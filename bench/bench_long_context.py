@@ -37,21 +37,19 @@ import argparse
 import contextlib
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from kvstore.attn import merge_states, paged_attention, paged_token_attention
-from kvstore.attn.segments import BlockSegments
-from kvstore.pq import metrics
-from kvstore.pq.index import PQIndex
-from kvstore.pq.select import SelectionConfig, resolve_budget, select_tokens
+from kvstore.attn import multi_segment_attention
+from kvstore.pq import PQConfig, metrics
+from kvstore.pq.select import SelectionConfig, resolve_budget, select_exact
 from kvstore.pq.synthetic import SyntheticConfig, SyntheticWorkload
 from kvstore.spec import KVSpec
 from kvstore.store import KVStore
+from kvstore.syncs import SyncCounter
 
 from .baselines.pqcache_ref import PQCacheRef
 from .common import add_common_args, machine_info, print_table, resolve_device, write_json
@@ -63,7 +61,7 @@ SELECTING = ("pq", "pq-codes", "exact", "pqcache-ref")
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
     parser.add_argument("--preset", default=None, help="KVSpec preset (default: tiny on CPU, llama3-8b on CUDA)")
-    parser.add_argument("--layers", type=int, default=None, help="layers kept from the preset (default: all for tiny, 2 otherwise)")
+    parser.add_argument("--layers", type=int, default=None, help="layers kept from the preset (default: all of them)")
     parser.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default: 8192,32768 on CPU; 32768,131072 on CUDA)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per context")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together, one token each per step (each its own workload seed)")
@@ -84,15 +82,10 @@ class ModeStats:
     """What one mode measured over one context."""
 
     step_ms: list[float] = field(default_factory=list)
-    select_ms: float = 0.0
-    fetch_ms: float = 0.0
-    attn_ms: float = 0.0
     recall: list[float] = field(default_factory=list)
     mass: list[float] = field(default_factory=list)
     rel_error: list[float] = field(default_factory=list)
     needles: list[float] = field(default_factory=list)
-    device_bytes: int = 0
-    host_bytes: int = 0
 
 
 class _Clock:
@@ -151,151 +144,97 @@ def _append_token(store: KVStore, seq: int, keys, values, pos: int) -> None:
     store.append(seq, keys[:, :, pos : pos + 1].transpose(1, 2), values[:, :, pos : pos + 1].transpose(1, 2))
 
 
-def _dense_segments(store: KVStore, ids: np.ndarray, num_tokens: int) -> BlockSegments:
-    """Segments covering blocks ``ids`` of a sequence with ``num_tokens`` tokens: the full blocks as
-    one segment and the partial tail block (if among them) as its own."""
-    bs = store.spec.block_size
-    tail_index = (num_tokens - 1) // bs
-    tail_tokens = num_tokens - tail_index * bs
-    table = store.blocks
-    runs, last = [], []
-    is_tail = table.position[ids] // bs == tail_index
-    full = ids[~is_tail]
-    if full.size:
-        runs.append(table.dev_slot[full])
-        last.append(bs)
-    if is_tail.any():
-        runs.append(table.dev_slot[ids[is_tail]])
-        last.append(tail_tokens)
-    return BlockSegments.from_runs(runs, last, block_size=bs, device=store.device)
-
-
-def _attend_all(store: KVStore, seq: int, layer: int, q: torch.Tensor, num_tokens: int, clock: _Clock):
-    """Attention of ``q: [1, Hq, D]`` over every token, bringing blocks in chunk by chunk (lossless)."""
-    ids = store.block_table(seq).numpy()
-    resident = store.blocks.dev_slot[ids] >= 0
-    order = np.concatenate([ids[resident], ids[~resident]])  # what is on the device first
-    room = store.device_pool.num_slots
-    k_cache, v_cache = store.device_pool.layer_view(layer, 0), store.device_pool.layer_view(layer, 1)
-    outs, lses = [], []
-    for start in range(0, order.size, room):
-        chunk = order[start : start + room]
-        with clock("fetch"):
-            store.ensure_resident(chunk)
-        with clock("attn"):
-            out, lse = paged_attention(q, k_cache, v_cache, _dense_segments(store, chunk, num_tokens), causal_last=False)
-        outs.append(out)
-        lses.append(lse)
-    if len(outs) == 1:
-        return outs[0]
-    with clock("attn"):
-        out, _ = merge_states(torch.stack(outs, 1), torch.stack(lses, 1))
-    return out
-
-
-def _attend_selected(store: KVStore, seq: int, layer: int, q: torch.Tensor, positions: torch.Tensor, clock: _Clock):
-    """Fetch the blocks holding ``positions: [Hkv, S]`` and attend to those tokens per KV head.
-
-    When the selection spans more blocks than the device tier holds, the blocks are fetched in
-    chunks that fit and each KV head's partial results are merged by log-sum-exp.
-    """
-    bs = store.spec.block_size
-    table = store.block_table(seq)
-    need = torch.unique(positions.cpu() // bs)
-    k_cache, v_cache = store.device_pool.layer_view(layer, 0), store.device_pool.layer_view(layer, 1)
-    if need.numel() <= store.device_pool.num_slots:
-        with clock("fetch"):
-            store.ensure_resident(table[need])
-        with clock("attn"):
-            out, _ = paged_token_attention(
-                q, k_cache, v_cache, store.device_block_table(seq), positions.to(torch.int32), check_indices=False
-            )
-        return out
-    heads = positions.shape[0]
-    group = q.shape[1] // heads
-    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(heads)]
-    for chunk in need.split(store.device_pool.num_slots):
-        with clock("fetch"):
-            store.ensure_resident(table[chunk])
-        with clock("attn"):
-            block_table = store.device_block_table(seq)
-            in_chunk = torch.isin(positions.cpu() // bs, chunk).to(positions.device)
-            for h in range(heads):
-                mine = positions[h][in_chunk[h]]
-                if mine.numel():
-                    parts[h].append(paged_token_attention(
-                        q[:, h * group : (h + 1) * group], k_cache[:, :, h : h + 1], v_cache[:, :, h : h + 1],
-                        block_table, mine.view(1, -1).to(torch.int32), check_indices=False,
-                    ))
-    with clock("attn"):
-        merged = [merge_states(torch.stack([o for o, _ in p], 1), torch.stack([l for _, l in p], 1))[0] for p in parts]
-    return torch.cat(merged, dim=1)
-
-
 def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
-def _store_for(mode: str, spec: KVSpec, blocks: int, device: torch.device, truth: dict[int, torch.Tensor]) -> KVStore:
+def _store_for(mode: str, spec: KVSpec, blocks: int, device: torch.device, truth: dict[int, torch.Tensor], args) -> KVStore:
     """The tiers of one mode for sequences of ``blocks`` blocks in all; ``truth`` (filled by the
-    caller: sequence id -> ``[L, 2, T, Hkv, D]``) is what lossless recomputes from."""
+    caller: sequence id -> ``[L, 2, T, Hkv, D]``) is what lossless recomputes from. Checks are
+    deferred to the end of each step on every device, as on a GPU."""
     if mode == "full":
-        return KVStore(spec, device_blocks=blocks, device=device)
+        return KVStore(spec, device_blocks=blocks, device=device, defer_checks=True)
     if mode == "lossless":
         return KVStore(
-            spec, device_blocks=max(2, blocks // 4), host_blocks=max(1, blocks // 2), device=device,
+            spec, device_blocks=max(2, blocks // 4), host_blocks=max(1, blocks // 2), device=device, defer_checks=True,
             recompute=lambda s, start, n: truth[s][:, :, start : start + n],
         )
-    return KVStore(spec, device_blocks=max(2, blocks // 2), host_blocks=blocks, device=device)
+    pq = None
+    if mode in ("pq", "pq-codes"):
+        refine = args.refine if mode == "pq" else 1.0
+        selection = SelectionConfig(num_sinks=args.sinks, recent_window=args.window, refine=refine)
+        pq = PQConfig(num_subspaces=args.subspaces, bits=args.bits, selection=selection)
+    return KVStore(spec, device_blocks=max(2, blocks // 2), host_blocks=blocks, device=device, defer_checks=True, pq=pq)
 
 
-def _index_for(mode: str, spec: KVSpec, keys: torch.Tensor, args):
-    """A trained selector over ``keys: [Hkv, N, D]`` (kvstore's PQIndex or PQCache's)."""
-    if mode == "pqcache-ref":
-        index = PQCacheRef(spec.head_dim)
-        index.train(keys.float().cpu())
-        return index
-    index = PQIndex(spec.head_dim, args.subspaces, args.bits)
-    index.train(keys.float())
-    index.add(keys.float())
+def _baseline_index(mode: str, spec: KVSpec, keys: torch.Tensor):
+    """The selector of a baseline mode over ``keys: [Hkv, N, D]``: PQCache's, trained (None for exact)."""
+    if mode != "pqcache-ref":
+        return None
+    index = PQCacheRef(spec.head_dim)
+    index.train(keys.float().cpu())
     return index
+
+
+def _select(mode: str, store: KVStore, seqs: list[int], data: list, indexes, layer: int, q: torch.Tensor, pos: int, budget, args, context: int) -> list[torch.Tensor]:
+    """Per-head positions ``[Hkv, S]`` each sequence of the batch reads in ``layer`` (``q: [B, Hq, D]``)."""
+    if mode in ("pq", "pq-codes"):  # kvstore: the batch scored in one call
+        return [sel.positions for sel in store.select_many(seqs, layer, q, [budget] * len(seqs))]
+    if mode == "exact":  # the oracle: every key scored exactly
+        cfg = SelectionConfig(num_sinks=args.sinks, recent_window=args.window)
+        return [
+            select_exact(w.keys[layer, :, : pos + 1], q[b].float(), budget, config=cfg, block_size=store.spec.block_size).positions
+            for b, w in enumerate(data)
+        ]
+    positions = []  # PQCache selects for one sequence at a time
+    for b, index in enumerate(indexes[layer]):
+        chosen = index.select(q[b].float().cpu(), resolve_budget(budget, context)).to(store.device)
+        # PQCache keeps generated tokens on the GPU beside its window.
+        gen = torch.arange(context, pos + 1, device=store.device).expand(chosen.shape[0], -1)
+        positions.append(torch.cat([chosen, gen], 1))
+    return positions
 
 
 def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: list[str]) -> list[dict]:
     """Every mode over one context; a batch of ``args.batch`` sequences (each its own workload
     seed) shares the store's tiers and is decoded together: each step appends one token to every
-    sequence, and kvstore's selection scores the whole batch in one call per layer."""
+    sequence, and kvstore's selection scores the whole batch in one call per layer. The last step
+    runs under a SyncCounter (untimed, no quality figures) to count the syncs per layer and step."""
     bs, B = spec.block_size, args.batch
     total_blocks = B * spec.num_blocks(context + args.steps)
     budget = args.budget if args.budget < 1 else int(args.budget)  # a fraction, or tokens
     budget_tokens = resolve_budget(budget, context)
-    stats = {m: ModeStats() for m in modes}
-    select_cfg = {  # exact: a shortlist of every candidate, re-ranked with exact keys
-        mode: SelectionConfig(num_sinks=args.sinks, recent_window=args.window, refine=refine)
-        for mode, refine in (("pq", args.refine), ("pq-codes", 1.0), ("exact", float(context)))
-    }
+    kv_row = 2 * spec.head_dim * spec.dtype.itemsize  # K and V bytes of one token, head and layer
     data = [_workload(spec, context, args.steps, args.seed + b, device) for b in range(B)]
     queries = torch.stack([w.queries for w in data], 2)  # [L, S, B, Hq, D]
     scale = data[0].cfg.softmax_scale
     full_out: dict[tuple[int, int, int], torch.Tensor] = {}
     results = []
     for mode in ["full"] + [m for m in modes if m != "full"]:
-        st = stats.get(mode, ModeStats())
+        st = ModeStats()
         clock = _Clock(device)
         truth: dict[int, torch.Tensor] = {}
-        store = _store_for(mode, spec, total_blocks, device, truth)
+        store = _store_for(mode, spec, total_blocks, device, truth, args)
         chunk = min(args.chunk, store.device_pool.num_slots * bs // 2)  # a chunk must fit the device tier
         seqs = []
-        for w in data:
+        for w in data:  # prefill (PQ training included: `kvstore bench pq` times it)
             seqs.append(_prefill(store, w.keys, w.values, context, chunk))
             truth[seqs[-1]] = torch.stack([w.keys, w.values], 1).transpose(2, 3)  # [L, 2, T, Hkv, D]
-        if mode in SELECTING:  # training is prefill work, reported by `kvstore bench pq`
-            indexes = [[_index_for(mode, spec, w.keys[layer, :, :context], args) for w in data] for layer in range(spec.num_layers)]
-            # Every block starts on the host tier: a selection fetches the blocks it reads.
+        indexes = [[_baseline_index(mode, spec, w.keys[layer, :, :context]) for w in data] for layer in range(spec.num_layers)]
+        if mode in SELECTING:  # every block starts on the host tier: a step reads what it selects from there
             ids = np.concatenate([store.block_table(seq).numpy() for seq in seqs])
             store.offload(torch.from_numpy(ids[store.blocks.dev_slot[ids] >= 0]))
+        store.end_step()
+        moved0, selected, counter = _h2d_bytes(store), 0, None
         for s in range(args.steps):
             pos = context + s
+            counted = s == args.steps - 1
+            if counted:  # its time and quality are not reported
+                timed_totals = dict(clock.totals)
+                counter = SyncCounter(device)
+                counter.tag_tree(store, exclude=[store.host_pool.kv])
+                counter.tag(queries, *[t for w in data for t in (w.keys, w.values)])
+                counter.__enter__()
             t0 = time.perf_counter()
             with clock("append"):
                 for seq, w in zip(seqs, data):
@@ -303,75 +242,71 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
             for layer in range(spec.num_layers):
                 q = queries[layer, s]  # [B, Hq, D]
                 if mode in ("full", "lossless"):
-                    outs = [_attend_all(store, seq, layer, q[b : b + 1], pos + 1, clock) for b, seq in enumerate(seqs)]
+                    with clock("attn"):  # every token, missing blocks brought in (reloaded, recomputed)
+                        outs = [store.attend(seq, layer, q[b : b + 1], scale=scale)[0] for b, seq in enumerate(seqs)]
+                    selected += B * (pos + 1) * spec.num_kv_heads * kv_row
                 else:
                     with clock("select"):
-                        if mode != "pqcache-ref":
-                            for index, w in zip(indexes[layer], data):
-                                index.add(w.keys[layer, :, pos : pos + 1].float())
-                            exact_keys = {
-                                "pq": [partial(store.gather_keys, seq, layer) for seq in seqs],
-                                "pq-codes": None,
-                                "exact": [w.keys[layer, :, : pos + 1] for w in data],
-                            }[mode]
-                            chosen = select_tokens(
-                                indexes[layer], q.float(), budget, block_size=bs, config=select_cfg[mode], keys=exact_keys,
-                            )
-                            positions = [sel.positions for sel in chosen]
-                        else:  # PQCache selects for one sequence at a time
-                            positions = []
-                            for b, index in enumerate(indexes[layer]):
-                                chosen = index.select(q[b].float().cpu(), budget_tokens).to(device)
-                                # PQCache keeps generated tokens on the GPU beside its window.
-                                gen = torch.arange(context, pos + 1, device=device).expand(chosen.shape[0], -1)
-                                positions.append(torch.cat([chosen, gen], 1))
-                    outs = [_attend_selected(store, seq, layer, q[b : b + 1], positions[b], clock) for b, seq in enumerate(seqs)]
-                    t_metrics = time.perf_counter()  # quality is measured outside the step's time
-                    for b, w in enumerate(data):
-                        k_l = w.keys[layer, :, : pos + 1]
-                        st.recall.append(metrics.recall_at_k(positions[b], q[b].float(), k_l, budget_tokens))
-                        st.mass.append(metrics.attention_mass(positions[b], q[b].float(), k_l, scale))
-                        asked = w.needles[w.needle_steps == s]
-                        if asked.numel():
-                            st.needles.append(metrics.needle_hits(positions[b], asked))
-                    t0 += time.perf_counter() - t_metrics
+                        positions = _select(mode, store, seqs, data, indexes, layer, q, pos, budget, args, context)
+                    outs = []
+                    for b, seq in enumerate(seqs):
+                        with clock("fetch"):  # this layer's selected rows, wherever they lie
+                            k, v = store.fetch(seq, layer, positions[b])
+                        with clock("attn"):
+                            segment = (k.transpose(0, 1), v.transpose(0, 1))
+                            outs.append(multi_segment_attention(q[b : b + 1], [segment], causal_last=False, scale=scale)[0])
+                        selected += positions[b].numel() * kv_row
+                    if not counted:  # quality is measured outside the step's time
+                        t_metrics = time.perf_counter()
+                        for b, w in enumerate(data):
+                            k_l = w.keys[layer, :, : pos + 1]
+                            st.recall.append(metrics.recall_at_k(positions[b], q[b].float(), k_l, budget_tokens))
+                            st.mass.append(metrics.attention_mass(positions[b], q[b].float(), k_l, scale))
+                            asked = w.needles[w.needle_steps == s]
+                            if asked.numel():
+                                st.needles.append(metrics.needle_hits(positions[b], asked))
+                        t0 += time.perf_counter() - t_metrics
                 for b, out in enumerate(outs):
                     if mode == "full":
                         full_out[(b, s, layer)] = out
-                    else:
+                    elif not counted:
                         st.rel_error.append(_rel_error(out, full_out[(b, s, layer)]))
-            st.step_ms.append((time.perf_counter() - t0) * 1e3)
-        st.select_ms = clock.totals["select"]
-        st.fetch_ms = clock.totals["fetch"]
-        st.attn_ms = clock.totals["attn"]
+            store.end_step()
+            if counted:
+                counter.__exit__(None, None, None)
+                clock.totals = timed_totals
+            else:
+                st.step_ms.append((time.perf_counter() - t0) * 1e3)
         mem = store.memory()
-        st.device_bytes = mem["device"].bytes_used
-        st.host_bytes = mem["host"].bytes_used
-        if mode in ("pq", "pq-codes"):
-            st.device_bytes += sum(int(ix.codes.numel()) for row in indexes for ix in row)  # uint8 codes
-        if mode == "pq" and args.refine > 1:
-            st.device_bytes += sum(8 * int((ix.outliers >= 0).sum()) for row in indexes for ix in row)  # outlier positions
-        del store
-    for mode in modes:
-        st = stats[mode]
         sel = mode in SELECTING
         results.append({
             "mode": mode,
             "context": context,
+            "layers": spec.num_layers,
             "budget": (budget_tokens / context) if sel else None,
             "tpot_ms": float(np.median(st.step_ms)),
             "tpot_p99_ms": float(np.percentile(st.step_ms, 99)),
-            "select_ms": st.select_ms / args.steps,
-            "fetch_ms": st.fetch_ms / args.steps,
-            "attn_ms": st.attn_ms / args.steps,
+            "select_ms": clock.totals["select"] / len(st.step_ms),
+            "fetch_ms": clock.totals["fetch"] / len(st.step_ms),
+            "attn_ms": clock.totals["attn"] / len(st.step_ms),
             "recall": float(np.mean(st.recall)) if sel else None,
             "attention_mass": float(np.mean(st.mass)) if sel else None,
             "rel_error": float(np.mean(st.rel_error)) if st.rel_error else 0.0,
             "needle_hit_rate": float(np.mean(st.needles)) if sel and st.needles else None,
-            "device_bytes": int(st.device_bytes),
-            "host_bytes": int(st.host_bytes),
+            "device_bytes": mem["device"].bytes_used + store.index_bytes(),
+            "host_bytes": mem["host"].bytes_used,
+            "fetch_bytes_per_token": (_h2d_bytes(store) - moved0) / (args.steps * B),
+            "selected_bytes_per_token": selected / (args.steps * B),
+            "syncs_per_layer_step": counter.count / spec.num_layers,
         })
-    return results
+        del store
+    order = {m: i for i, m in enumerate(modes)}
+    return sorted((r for r in results if r["mode"] in order), key=lambda r: order[r["mode"]])
+
+
+def _h2d_bytes(store: KVStore) -> int:
+    """Host-to-device bytes the store's mover moved so far: whole blocks and fetched rows."""
+    return store.mover.stats.h2d_bytes + int(store.mover.row_bytes)
 
 
 def _plot(results: list[dict], path: str) -> None:
@@ -409,16 +344,16 @@ def main(args) -> int:
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
     preset = args.preset or ("llama3-8b" if on_gpu else "tiny")
-    layers = args.layers or (KVSpec.preset(preset).num_layers if preset == "tiny" else 2)
+    layers = args.layers or KVSpec.preset(preset).num_layers
     spec = KVSpec.preset(preset, num_layers=layers)
     text = args.contexts or ("32768,131072" if on_gpu else "8192,32768")
     try:
         contexts = [int(c) for c in text.split(",")]
     except ValueError:
         raise SystemExit(f"--contexts: expected comma-separated token counts, got {text!r}") from None
-    for name, value in (("--contexts", min(contexts)), ("--steps", args.steps), ("--batch", args.batch), ("--chunk", args.chunk)):
-        if value < 1:
-            raise SystemExit(f"{name} must be >= 1, got {value}")
+    for name, value, least in (("--contexts", min(contexts), 1), ("--steps", args.steps, 2), ("--batch", args.batch, 1), ("--chunk", args.chunk, 1)):
+        if value < least:
+            raise SystemExit(f"{name} must be >= {least}, got {value}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -433,11 +368,12 @@ def main(args) -> int:
         f"kvstore bench long-context — {preset} ({spec.num_layers} layers, {spec.num_q_heads}q/{spec.num_kv_heads}kv heads, "
         f"D={spec.head_dim}), {args.steps} decode steps x batch {args.batch}, {device}",
         ["mode", "context", "budget", "tpot ms", "p99 ms", "select", "fetch", "attn", "recall", "mass", "rel_error",
-         "needles", "device MiB", "host MiB"],
+         "needles", "device MiB", "host MiB", "h2d / selected", "syncs / layer"],
         [
             (r["mode"], r["context"], r["budget"], r["tpot_ms"], r["tpot_p99_ms"], r["select_ms"], r["fetch_ms"],
              r["attn_ms"], r["recall"], r["attention_mass"], r["rel_error"], r["needle_hit_rate"],
-             r["device_bytes"] / 2**20, r["host_bytes"] / 2**20)
+             r["device_bytes"] / 2**20, r["host_bytes"] / 2**20,
+             r["fetch_bytes_per_token"] / r["selected_bytes_per_token"], r["syncs_per_layer_step"])
             for r in results
         ],
     )

@@ -432,7 +432,8 @@ class KVStore:
         b = self.blocks
         if np.any((b.dev_slot[ids] < 0) & (b.host_slot[ids] < 0)):
             touched = np.unique(positions[positions >= 0].cpu().numpy() // self.spec.block_size)
-            self._ensure_resident_ids(ids[touched[touched < ids.size]])
+            touched = ids[touched[touched < ids.size]]  # out-of-range positions raise at the range check
+            self._ensure_resident_ids(touched[(b.dev_slot[touched] < 0) & (b.host_slot[touched] < 0)])
         dev_slot, host_slot = self._device_table(seq)
         k, v = self.mover.gather_rows(self.device_pool, self.host_pool, layer, dev_slot, host_slot, positions, values=values)
         if access:
@@ -477,21 +478,31 @@ class KVStore:
         return multi_segment_attention(q, [(k.transpose(0, 1), v.transpose(0, 1))], causal_last=False, scale=scale)
 
     def _attend_all(self, seq: int, layer: int, q: torch.Tensor, n: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over the first ``n`` tokens of ``layer``, the blocks read in place in token order;
-        blocks not on the device come in chunks the device tier holds, merged by log-sum-exp."""
-        bs = self.spec.block_size
+        """Attention over the first ``n`` tokens of ``layer``, every block read in place. Blocks
+        not on the device come in chunks the device tier holds (what is resident first, then
+        host copies, then dropped blocks, so a chunk does not evict what the next one reads),
+        each chunk one segment in token order, merged by log-sum-exp; the blocks holding the
+        queries close the last chunk (the causal mask is bottom-right)."""
+        bs, room = self.spec.block_size, self.device_pool.num_slots
         ids = self._seq(seq).ids[: -(-n // bs)]
         b = self.blocks
         k_cache, v_cache = self.device_pool.layer_view(layer, 0), self.device_pool.layer_view(layer, 1)
-        if np.all(b.dev_slot[ids] >= 0):
-            chunks = [ids]
+        n_tail = (n - 1) // bs - (n - q.shape[0]) // bs + 1  # blocks holding the queries
+        if np.all(b.dev_slot[ids] >= 0) or ids.size <= room:
+            chunks = [np.arange(ids.size)]
         else:
-            chunks = [ids[i : i + self.device_pool.num_slots] for i in range(0, ids.size, self.device_pool.num_slots)]
+            rest = np.arange(ids.size - n_tail)
+            rest = rest[np.argsort(b.tier[ids[rest]], kind="stable")]  # device, host, dropped
+            cut = room - n_tail  # the last chunk keeps room for the query blocks
+            chunks = [rest[i : i + room] for i in range(0, max(0, rest.size - cut), room)]
+            chunks.append(np.concatenate([rest[len(chunks) * room :], np.arange(ids.size - n_tail, ids.size)]))
         outs, lses = [], []
         for i, chunk in enumerate(chunks):
-            self._ensure_resident_ids(chunk)
+            chunk = np.sort(chunk)  # token order within a chunk
+            self._ensure_resident_ids(ids[chunk])
             last = i == len(chunks) - 1
-            segments = BlockSegments.from_runs([b.dev_slot[chunk]], [n - (ids.size - 1) * bs if last else bs], block_size=bs, device=self.device)
+            last_tokens = min(n - int(chunk[-1]) * bs, bs)  # only the sequence's last block may be partial
+            segments = BlockSegments.build(b.dev_slot[ids[chunk]], [0, chunk.size], [last_tokens], block_size=bs, device=self.device)
             out, lse = paged_attention(q, k_cache, v_cache, segments, causal_last=last, scale=scale)
             outs.append(out)
             lses.append(lse)
@@ -687,6 +698,15 @@ class KVStore:
             p.name: TierUsage(p.name, p.num_slots, p.num_used, p.bytes_total, p.bytes_used)
             for p in (self.device_pool, self.host_pool)
         }
+
+    def index_bytes(self) -> int:
+        """Device bytes of the PQ indexes: uint8 codes and outlier positions (0 without ``pq``)."""
+        total = 0
+        for seq in self._pq.values():
+            for index in seq.indexes:
+                if index.is_trained:
+                    total += index.codes.numel() + 8 * index.outlier_slots.numel()
+        return total
 
     # ================================================================== tier moves
     def offload(self, blocks) -> TransferHandle:

@@ -18,6 +18,7 @@ from kvstore.errors import (
     ShapeError,
     UnknownSequenceError,
 )
+from kvstore.attn import multi_segment_attention
 from kvstore.evict.base import BlockInfo
 from kvstore.evict.lru import LRU
 from kvstore.spec import KVSpec
@@ -368,3 +369,105 @@ def test_cuda_store_uses_pinned_host_and_async_copies(small_spec):
     store.load(ids)
     assert torch.equal(store.read(s)[0], kv[:, 0])
     store.check()
+
+
+# ----------------------------------------------------------------------------- fetch and attend
+def _spread(store: KVStore, s: int, truth: Truth) -> None:
+    """Leave blocks of ``s`` on every tier: some on the device, some on the host only, some dropped."""
+    ids = store.block_table(s)
+    store.offload(ids[1:6])
+    if store.recompute is not None:
+        store.drop(ids[[2, 7]])
+
+
+@pytest.mark.parametrize("lossless", [False, True])
+def test_fetch_reads_one_layer_wherever_the_blocks_lie(small_spec, lossless):
+    truth = Truth()
+    store = KVStore(small_spec, device_blocks=12, host_blocks=12, recompute=truth if lossless else None)
+    s = fill(store, truth, small_spec, 38, seed=41)
+    _spread(store, s, truth)
+    g = torch.Generator().manual_seed(42)
+    positions = torch.stack([torch.randperm(38, generator=g)[:11] for _ in range(small_spec.num_kv_heads)])
+    positions[0, 3] = -1  # no row
+    moved = store.mover.stats.h2d_bytes
+    for layer in range(small_spec.num_layers):
+        k, v = store.fetch(s, layer, positions)
+        kv = truth.kv[s][layer]  # [2, T, Hkv, D]
+        for h in range(small_spec.num_kv_heads):
+            want = positions[h].clamp_min(0)
+            exp_k, exp_v = kv[0, want, h], kv[1, want, h]
+            exp_k[positions[h] < 0] = 0
+            exp_v[positions[h] < 0] = 0
+            assert torch.equal(k[h], exp_k) and torch.equal(v[h], exp_v)
+    store.end_step()
+    host_rows = 0
+    for h in range(small_spec.num_kv_heads):  # rows whose block lives on the host tier only
+        blk = positions[h][positions[h] >= 0] // small_spec.block_size
+        host_rows += int((store.residency(store.block_table(s)[blk]) == BlockInfo.TIER_HOST).sum())
+    row = 2 * small_spec.head_dim * 4
+    assert int(store.mover.row_bytes) == small_spec.num_layers * host_rows * row  # only what was read
+    assert store.mover.stats.h2d_bytes == moved  # no whole block moved (recomputed ones are written in place)
+    store.check()
+
+
+@pytest.fixture
+def attn_spec() -> KVSpec:
+    """small_spec with a head_dim the attention kernels take."""
+    return KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=4, head_dim=64, dtype=torch.float32, block_size=4)
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_attend_every_token_equals_dense_attention_whatever_the_tiers(attn_spec, queries):
+    truth = Truth()
+    store = KVStore(attn_spec, device_blocks=4, host_blocks=6, recompute=truth)  # the context does not fit
+    s = store.create()
+    kv = random_kv(attn_spec, 46, seed=43)
+    truth.kv[s] = kv
+    for start in range(0, 46, 8):
+        store.append(s, kv[:, 0, start : start + 8], kv[:, 1, start : start + 8])
+    g = torch.Generator().manual_seed(44)
+    q = torch.randn(queries, attn_spec.num_q_heads, attn_spec.head_dim, generator=g)
+    for layer in range(attn_spec.num_layers):
+        out, lse = store.attend(s, layer, q)
+        ref, ref_lse = multi_segment_attention(q, [(kv[layer, 0], kv[layer, 1])], causal_last=True)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    store.end_step()
+    store.check()
+
+
+def test_attend_to_a_selection_equals_attention_over_those_tokens(attn_spec):
+    truth = Truth()
+    store = KVStore(attn_spec, device_blocks=12, host_blocks=12)
+    s = fill(store, truth, attn_spec, 30, seed=45)
+    _spread(store, s, truth)
+    positions = torch.tensor([[0, 4, 5, 17, 29], [1, 2, 9, 20, 28]])
+    q = torch.randn(1, attn_spec.num_q_heads, attn_spec.head_dim, generator=torch.Generator().manual_seed(46))
+    out, _ = store.attend(s, 1, q, positions)
+    group = attn_spec.num_q_heads // attn_spec.num_kv_heads
+    kv = truth.kv[s][1]
+    for h in range(attn_spec.num_kv_heads):
+        seg = (kv[0, positions[h], h : h + 1], kv[1, positions[h], h : h + 1])
+        ref, _ = multi_segment_attention(q[:, h * group : (h + 1) * group], [seg], causal_last=False)
+        torch.testing.assert_close(out[:, h * group : (h + 1) * group], ref)
+
+
+def test_fetch_and_attend_reject_bad_input_and_change_nothing(attn_spec):
+    truth = Truth()
+    store = KVStore(attn_spec, device_blocks=12, host_blocks=12)
+    s = fill(store, truth, attn_spec, 20, seed=47)
+    before = snapshot(store)
+    q = torch.zeros(1, attn_spec.num_q_heads, attn_spec.head_dim) + 0.5
+    for call, error, pattern in [
+        (lambda: store.fetch(s, 0, torch.tensor([0, 1])), ShapeError, "positions must be a tensor"),
+        (lambda: store.fetch(s, 0, torch.zeros(2, 3)), ShapeError, "integers"),
+        (lambda: store.fetch(s, 0, torch.tensor([[0, 20], [1, 2]])), OutOfRangeError, "from 20 to 20"),
+        (lambda: store.fetch(s, 2, torch.zeros(2, 1, dtype=torch.long)), OutOfRangeError, "layer 2"),
+        (lambda: store.attend(s, 0, q[0]), ShapeError, "q must be"),
+        (lambda: store.attend(s, 0, q.double()), ShapeError, "no silent casts"),
+        (lambda: store.attend(s, 0, q, torch.tensor([[-1, 0], [1, 2]])), OutOfRangeError, "from -1 to -1"),
+        (lambda: store.attend(s + 1, 0, q), UnknownSequenceError, "unknown sequence"),
+    ]:
+        with pytest.raises(error, match=pattern):
+            call()
+        assert_same(snapshot(store), before)

@@ -41,7 +41,7 @@ from kvstore.pq.search_cuda import adc_topk  # fused CUDA kernel when enabled, t
 from kvstore.pq.index import PQIndex
 from kvstore.syncs import upload
 
-__all__ = ["Budget", "KeySource", "SelectionConfig", "Selection", "gather_keys", "resolve_budget", "select_tokens", "window_selection"]
+__all__ = ["Budget", "KeySource", "SelectionConfig", "Selection", "gather_keys", "resolve_budget", "select_exact", "select_tokens", "window_selection"]
 
 #: A token budget: an int number of tokens (>= 1) or a float fraction of the sequence in (0, 1].
 Budget = Union[int, float]
@@ -249,8 +249,8 @@ def select_tokens(
             if config.refine > 1:
                 assert keys is not None
                 picked = _rerank(
-                    indices[i], queries[i], keys[i], top[r, :, : short[r]], sinks, indices[i].ntotal - window, t,
-                    aggregate=config.aggregate, scale=scale,
+                    queries[i], keys[i], top[r, :, : short[r]], sinks, indices[i].ntotal - window, t,
+                    aggregate=config.aggregate, scale=scale, index=indices[i],
                 )
             results[i] = _assemble(H, indices[i].ntotal, sinks, window, picked, device, block_size)
     return results  # type: ignore[return-value]
@@ -261,21 +261,42 @@ def gather_keys(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return keys.gather(1, positions.to(keys.device).clamp_min(0)[..., None].expand(-1, -1, keys.shape[2]))
 
 
+def select_exact(
+    keys: torch.Tensor, queries: torch.Tensor, budget: Budget, *, config: SelectionConfig | None = None,
+    block_size: int = 16, scale: float | None = None,
+) -> Selection:
+    """The oracle selection of one sequence: sinks + window + the top-k by exact scores over every
+    key (``keys: [Hkv, N, D]``, ``queries: [Hq, D]``), aggregated over each GQA group as
+    :func:`select_tokens` does. The ceiling of any selector at this budget; it reads every key."""
+    config = config or SelectionConfig()
+    H, n, D = keys.shape
+    b = resolve_budget(budget, n)
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    if b >= n:
+        return _assemble(H, n, n, 0, None, keys.device, block_size)
+    sinks, window, top = _split(b, n, config)
+    if top == 0:
+        return _assemble(H, n, sinks, window, None, keys.device, block_size)
+    everything = torch.arange(sinks, n - window, device=keys.device).expand(H, -1)
+    picked = _rerank(queries, keys, everything, sinks, n - window, top, aggregate=config.aggregate, scale=scale)
+    return _assemble(H, n, sinks, window, picked, keys.device, block_size)
+
+
 def _rerank(
-    index: PQIndex, queries: torch.Tensor, keys: KeySource, shortlist: torch.Tensor, lo: int, hi: int, k: int,
-    *, aggregate: str, scale: float,
+    queries: torch.Tensor, keys: KeySource, shortlist: torch.Tensor, lo: int, hi: int, k: int,
+    *, aggregate: str, scale: float, index: PQIndex | None = None,
 ) -> torch.Tensor:
-    """The ``k`` best of ``shortlist: [H, C]`` plus the index's outliers in ``[lo, hi)``, by exact score.
+    """The ``k`` best of ``shortlist: [H, C]`` plus the ``index``'s outliers in ``[lo, hi)``, by exact score.
 
     Returns ``[H, k]`` int64 positions. ``queries: [Hq, D]``; ``keys`` as in ``select_tokens``.
     """
     H, D = shortlist.shape[0], queries.shape[1]
-    outliers = index.outlier_slots.to(shortlist.device)  # [H, O], -1 past each head's count
-    cand = torch.cat([shortlist, outliers], 1)  # [H, C']
-    invalid = (cand < lo) | (cand >= hi)
-    if outliers.shape[1]:  # an outlier already shortlisted is scored once
+    cand, invalid = shortlist, (shortlist < lo) | (shortlist >= hi)
+    if index is not None and index.outlier_slots.shape[1]:  # an outlier already shortlisted is scored once
+        outliers = index.outlier_slots.to(shortlist.device)  # [H, O], -1 past each head's count
+        cand = torch.cat([shortlist, outliers], 1)  # [H, C']
         listed = torch.zeros((H, index.ntotal), dtype=torch.bool, device=shortlist.device).scatter_(1, shortlist, True)
-        invalid[:, shortlist.shape[1] :] |= listed.gather(1, outliers.clamp_min(0))
+        invalid = torch.cat([invalid, (outliers < lo) | (outliers >= hi) | listed.gather(1, outliers.clamp_min(0))], 1)
     cand = cand.masked_fill(invalid, -1)  # not read, and its score is masked below
     if isinstance(keys, torch.Tensor):
         if keys.dim() != 3 or keys.shape[0] != H or keys.shape[2] != D or keys.shape[1] < hi:

@@ -6,7 +6,7 @@ import torch
 from kvstore.errors import ConfigError, IndexStateError, NonFiniteError, ShapeError
 from kvstore.pq import metrics
 from kvstore.pq.index import PQIndex
-from kvstore.pq.select import SelectionConfig, resolve_budget, select_tokens, window_selection
+from kvstore.pq.select import SelectionConfig, resolve_budget, select_exact, select_tokens, window_selection
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,9 @@ def test_refine_with_a_shortlist_of_everything_is_exact_selection(indexes, small
     for step in range(3):
         q = data.queries[step]
         got = select_tokens(indexes[:1], [q], 128, config=sc, keys=[data.keys[:, :2048]])[0].positions
-        assert torch.equal(got, _exact_selection(data, 2048, q, 128, sc))
+        want = _exact_selection(data, 2048, q, 128, sc)
+        assert torch.equal(got, want)
+        assert torch.equal(select_exact(data.keys[:, :2048], q, 128, config=sc).positions, want)  # the bench's oracle
 
 
 def test_refine_finds_the_needles_and_beats_codes_only(indexes, small_layer):
