@@ -56,6 +56,13 @@ from .common import add_common_args, machine_info, print_table, resolve_device, 
 
 MODES = ("full", "pq", "pq-codes", "exact", "pqcache-ref", "lossless")
 SELECTING = ("pq", "pq-codes", "exact", "pqcache-ref")
+#: Row cache of the selecting modes: twice the default budget (1/16), so that a step's final rows
+#: and most of the re-ranking shortlist of the step before stay (a choice of size, not a fit).
+ROW_CACHE = 1 / 8
+#: pq's re-ranking shortlist: a quarter more than the top-k. The shortlist's keys are read from the
+#: host tier (refine/2 of the selected K/V bytes) and hold the picks' keys, which the row cache then
+#: serves to the final fetch; refine 4 buys ~0.03 recall for ~2x the traffic (bench/RESULTS.md).
+REFINE = 1.25
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +79,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, default=8, help="PQ bits per code (kvstore)")
     parser.add_argument("--sinks", type=int, default=SelectionConfig.num_sinks, help="sink tokens always kept (pq, pq-codes, exact)")
     parser.add_argument("--window", type=int, default=SelectionConfig.recent_window, help="recent tokens always kept (pq, pq-codes, exact)")
-    parser.add_argument("--refine", type=float, default=4.0, help="shortlist factor of pq's exact re-ranking (1: codes only, as pq-codes)")
+    parser.add_argument(
+        "--refine", type=float, default=REFINE,
+        help="shortlist factor of pq's exact re-ranking (1: codes only, as pq-codes; 4 reaches the oracle's recall and moves ~2x more)",
+    )
+    parser.add_argument(
+        "--row-cache", type=float, default=ROW_CACHE, metavar="F",
+        help="slots per KV head and layer of the selecting modes' device cache of host rows, as a fraction of the context (or rows if >= 1; 0: none)",
+    )
     parser.add_argument("--plot", default=None, metavar="OUT.png", help="plot TPOT and quality against context")
 
 
@@ -148,10 +162,11 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
-def _store_for(mode: str, spec: KVSpec, blocks: int, device: torch.device, truth: dict[int, torch.Tensor], args) -> KVStore:
+def _store_for(mode: str, spec: KVSpec, blocks: int, device: torch.device, truth: dict[int, torch.Tensor], args, row_cache: int) -> KVStore:
     """The tiers of one mode for sequences of ``blocks`` blocks in all; ``truth`` (filled by the
     caller: sequence id -> ``[L, 2, T, Hkv, D]``) is what lossless recomputes from. Checks are
-    deferred to the end of each step on every device, as on a GPU."""
+    deferred to the end of each step on every device, as on a GPU. The selecting modes read
+    through a device row cache of ``row_cache`` slots per KV head and layer."""
     if mode == "full":
         return KVStore(spec, device_blocks=blocks, device=device, defer_checks=True)
     if mode == "lossless":
@@ -164,7 +179,7 @@ def _store_for(mode: str, spec: KVSpec, blocks: int, device: torch.device, truth
         refine = args.refine if mode == "pq" else 1.0
         selection = SelectionConfig(num_sinks=args.sinks, recent_window=args.window, refine=refine)
         pq = PQConfig(num_subspaces=args.subspaces, bits=args.bits, selection=selection)
-    return KVStore(spec, device_blocks=max(2, blocks // 2), host_blocks=blocks, device=device, defer_checks=True, pq=pq)
+    return KVStore(spec, device_blocks=max(2, blocks // 2), host_blocks=blocks, device=device, defer_checks=True, pq=pq, row_cache=row_cache)
 
 
 def _baseline_index(mode: str, spec: KVSpec, keys: torch.Tensor):
@@ -204,6 +219,7 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
     total_blocks = B * spec.num_blocks(context + args.steps)
     budget = args.budget if args.budget < 1 else int(args.budget)  # a fraction, or tokens
     budget_tokens = resolve_budget(budget, context)
+    row_cache = resolve_budget(args.row_cache if args.row_cache < 1 else int(args.row_cache), context) if args.row_cache else 0
     kv_row = 2 * spec.head_dim * spec.dtype.itemsize  # K and V bytes of one token, head and layer
     data = [_workload(spec, context, args.steps, args.seed + b, device) for b in range(B)]
     queries = torch.stack([w.queries for w in data], 2)  # [L, S, B, Hq, D]
@@ -214,7 +230,7 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
         st = ModeStats()
         clock = _Clock(device)
         truth: dict[int, torch.Tensor] = {}
-        store = _store_for(mode, spec, total_blocks, device, truth, args)
+        store = _store_for(mode, spec, total_blocks, device, truth, args, row_cache)
         chunk = min(args.chunk, store.device_pool.num_slots * bs // 2)  # a chunk must fit the device tier
         seqs = []
         for w in data:  # prefill (PQ training included: `kvstore bench pq` times it)
@@ -293,7 +309,8 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
             "attention_mass": float(np.mean(st.mass)) if sel else None,
             "rel_error": float(np.mean(st.rel_error)) if st.rel_error else 0.0,
             "needle_hit_rate": float(np.mean(st.needles)) if sel and st.needles else None,
-            "device_bytes": mem["device"].bytes_used + store.index_bytes(),
+            "device_bytes": mem["device"].bytes_used + store.index_bytes() + store.row_cache_bytes(),
+            "row_cache_rows": row_cache if sel else 0,
             "host_bytes": mem["host"].bytes_used,
             "fetch_bytes_per_token": (_h2d_bytes(store) - moved0) / (args.steps * B),
             "selected_bytes_per_token": selected / (args.steps * B),

@@ -71,6 +71,7 @@ from kvstore.evict import BlockInfo, EvictionPolicy, make_policy
 from kvstore.evict.cost import CostModel
 from kvstore.pq.select import Budget, Selection
 from kvstore.pq.sequence import PQConfig, PQSequenceIndex, select_batch
+from kvstore.rowcache import RowCache
 from kvstore.spec import KVSpec
 from kvstore.syncs import DeferredChecks, upload
 from kvstore.transfer import BlockMover, TransferHandle
@@ -155,6 +156,9 @@ class KVStore:
         pq: keep a product-quantized key index per sequence and layer (PQCache selection,
             :meth:`select`). Its uint8 codes stay on the device tier's device and do not move
             with blocks: 4 bytes per token per KV head per layer at the default 4 sub-vectors.
+        row_cache: slots per KV head of each sequence's per-layer device cache of host-tier K
+            and V rows (:class:`~kvstore.rowcache.RowCache`; 0: none): a fetch moves only the
+            host rows the cache misses, and keeps them (up to half the slots per fetch).
     """
 
     def __init__(
@@ -172,6 +176,7 @@ class KVStore:
         defer_checks: bool | None = None,
         pin_host: bool | None = None,
         pq: PQConfig | None = None,
+        row_cache: int = 0,
     ) -> None:
         if not isinstance(spec, KVSpec):
             raise ConfigError(f"KVStore.spec must be a KVSpec, got {type(spec).__name__}")
@@ -184,10 +189,13 @@ class KVStore:
             raise ConfigError(f"KVStore.recompute must be callable, got {type(recompute).__name__}")
         if pq is not None and not isinstance(pq, PQConfig):
             raise ConfigError(f"KVStore.pq must be a PQConfig or None, got {type(pq).__name__}")
+        if not isinstance(row_cache, int) or isinstance(row_cache, bool) or row_cache < 0:
+            raise ConfigError(f"KVStore.row_cache must be an int >= 0 (slots per KV head), got {row_cache!r}")
         if pq is not None and allow_nonfinite:
             raise ConfigError("KVStore: allow_nonfinite=True cannot be combined with a PQ index (it rejects NaN/Inf keys)")
         self.spec = spec
         self.pq = pq
+        self.row_cache = row_cache
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -208,6 +216,7 @@ class KVStore:
 
         self._seqs: dict[int, _Seq] = {}
         self._pq: dict[int, PQSequenceIndex] = {}
+        self._row_caches: dict[tuple[int, int], RowCache] = {}  # (seq, layer) -> its host rows on the device
         self._tables: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]] = {}  # seq -> device block table
         self._reads: dict[int, tuple[int, torch.Tensor]] = {}  # seq -> (blocks counted, reads per block) of this step
         self._next_seq = 0
@@ -277,6 +286,8 @@ class KVStore:
         self._release_blocks(ids[b.refcount[ids] == 0])
         del self._seqs[seq]
         self._pq.pop(seq, None)
+        for layer in range(self.spec.num_layers):
+            self._row_caches.pop((seq, layer), None)
         self._tables.pop(seq, None)
         self._reads.pop(seq, None)
         # Shared blocks this sequence created now belong to a surviving holder (recompute asks it).
@@ -435,10 +446,17 @@ class KVStore:
             touched = ids[touched[touched < ids.size]]  # out-of-range positions raise at the range check
             self._ensure_resident_ids(touched[(b.dev_slot[touched] < 0) & (b.host_slot[touched] < 0)])
         dev_slot, host_slot = self._device_table(seq)
-        k, v = self.mover.gather_rows(self.device_pool, self.host_pool, layer, dev_slot, host_slot, positions, values=values)
+        cache = None
+        if self.row_cache and self.host_pool.num_slots:
+            cache = self._row_caches.get((seq, layer))
+            if cache is None:
+                cache = self._row_caches[seq, layer] = RowCache(self.row_cache, Hkv, self.spec.head_dim, self.spec.dtype, self.device)
+        k, v = self.mover.gather_rows(
+            self.device_pool, self.host_pool, layer, dev_slot, host_slot, positions, values=values, cache=cache, num_tokens=n,
+        )
         if access:
             self._note_reads(seq, positions)
-        return k.transpose(0, 1), (v.transpose(0, 1) if v is not None else None)
+        return k, v
 
     def attend(
         self, seq: int, layer: int, q: torch.Tensor, selection: Selection | torch.Tensor | None = None, *,
@@ -707,6 +725,10 @@ class KVStore:
                 if index.is_trained:
                     total += index.codes.numel() + 8 * index.outlier_slots.numel()
         return total
+
+    def row_cache_bytes(self) -> int:
+        """Device bytes of the row caches (rows and their maps; 0 without ``row_cache``)."""
+        return sum(cache.nbytes for cache in self._row_caches.values())
 
     # ================================================================== tier moves
     def offload(self, blocks) -> TransferHandle:

@@ -49,10 +49,11 @@ import torch
 
 from kvstore.blocks import BlockPool
 from kvstore.errors import ConfigError, OutOfRangeError, ShapeError
+from kvstore.rowcache import RowCache
 
 __all__ = [
     "BlockMover", "CopyStream", "CudaCopyStream", "ImmediateStream", "StreamOp", "TransferHandle", "TransferStats", "H2D_PATHS", "H2D_PATH_ENV", "DEFAULT_H2D_PATH", "UVA_MAX_RUN_BYTES",
-    "slot_runs", "choose_h2d_path", "gather_blocks", "gather_rows_torch",
+    "slot_runs", "choose_h2d_path", "gather_blocks", "gather_host_rows", "gather_rows_torch", "ROWS_BACKEND_ENV",
 ]
 
 H2D_PATH_ENV = "KVSTORE_H2D_PATH"
@@ -62,6 +63,8 @@ DEFAULT_H2D_PATH = "memcpy"
 #: 256 KiB copy at PCIe 5 rates); bench_decode measures both paths per block count.
 UVA_MAX_RUN_BYTES = 256 * 1024
 _GATHER_THREADS, _GATHER_UNROLL = 256, 8  # bg::kThreads, bg::U in csrc/block_gather.cu
+_ROWS_UNROLL = 4  # gr::U in csrc/gather_rows.cu (gr::kThreads is _GATHER_THREADS)
+_ROWS_MAX_CTAS = 4096  # grid-stride beyond: ~30 CTAs per SM of an H100/H200, enough to fill it
 
 
 class CopyStream:
@@ -377,7 +380,7 @@ class BlockMover:
 
     def gather_rows(
         self, device_pool: BlockPool, host_pool: BlockPool, layer: int, dev_slot: torch.Tensor, host_slot: torch.Tensor,
-        positions: torch.Tensor, *, values: bool = True,
+        positions: torch.Tensor, *, values: bool = True, cache: RowCache | None = None, num_tokens: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One layer's K (and V) rows of one sequence's tokens, wherever their blocks lie.
 
@@ -386,25 +389,30 @@ class BlockMover:
             layer: the layer whose rows are read (only its bytes move).
             dev_slot, host_slot: ``[num_blocks]`` int64 on the device, the sequence's block table
                 per tier (-1 where the block has no copy there).
-            positions: ``[H, S]`` int64 on the device, the token each KV head reads; -1 reads
-                nothing (a zero row).
+            positions: ``[H, S]`` int64 on the device, the token each KV head reads (distinct
+                per head); -1 reads nothing (a zero row).
             values: read V rows too.
+            cache: the sequence's :class:`~kvstore.rowcache.RowCache` of this layer: host rows
+                it holds do not move, the ones it misses move and stay.
+            num_tokens: the sequence's tokens in this layer (with ``cache``).
 
         Returns:
-            ``k, v: [S, H, D]`` on the device (``v`` None without ``values``): a row comes from the
+            ``k, v: [H, S, D]`` on the device (``v`` None without ``values``): a row comes from the
             device copy of its block, else the host copy (through UVA, counted in
             :attr:`row_bytes`), else it is zero (the block has no copy: the caller restores it first).
 
-        Runs on the current stream after the copies into both pools. Syncs: none on the CPU;
-        on CUDA the torch path reads the host rows' indices (one sync: see :func:`gather_rows_torch`).
+        Runs on the current stream after the copies into both pools. Syncs: none on the CPU
+        and with the UVA kernel; the torch path on CUDA reads the host rows' indices (one sync
+        per K or V: see :func:`gather_rows_torch`).
         """
         self.wait_writes(host_pool, host=False)
         self.wait_writes(device_pool, host=False)
-        k, v, host_rows = gather_rows_torch(device_pool, host_pool, layer, dev_slot, host_slot, positions, values=values)
-        row = device_pool.spec.head_dim * device_pool.kv.element_size() * (2 if values else 1)
+        k, v, host_rows = gather_rows_torch(
+            device_pool, host_pool, layer, dev_slot, host_slot, positions, values=values, cache=cache, num_tokens=num_tokens,
+        )
         if self._row_bytes is None:
             self._row_bytes = torch.zeros((), dtype=torch.int64, device=positions.device)
-        self._row_bytes += host_rows * row
+        self._row_bytes += host_rows * (device_pool.spec.head_dim * device_pool.kv.element_size())
         return k, v
 
     @property
@@ -475,55 +483,115 @@ class BlockMover:
 
 def gather_rows_torch(
     device_pool: BlockPool, host_pool: BlockPool, layer: int, dev_slot: torch.Tensor, host_slot: torch.Tensor,
-    positions: torch.Tensor, *, values: bool = True,
+    positions: torch.Tensor, *, values: bool = True, cache: RowCache | None = None, num_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """:meth:`BlockMover.gather_rows` in torch ops (the reference), plus the count of rows read
-    from the host pool (an int64 device scalar).
+    from the host pool (an int64 device scalar, K and V rows counted apiece).
 
-    On the CPU both pools are read in place. On CUDA a torch op cannot read host memory, so the
-    host rows' indices come to the host (one sync), the CPU gathers those rows and one
-    non-blocking copy brings them over.
+    On the CPU both pools are read in place. On CUDA host rows are read by
+    :func:`gather_host_rows` (the UVA kernel, or a torch fallback that syncs once).
     """
     spec = device_pool.spec
     bs, L, H, D = spec.block_size, spec.num_layers, positions.shape[0], spec.head_dim
+    S = positions.shape[1]
     device = positions.device
     valid = positions >= 0
     pos = positions.clamp_min(0)
-    blk = (pos // bs).reshape(-1)
-    d_slot = dev_slot.index_select(0, blk).view_as(pos)
-    h_slot = host_slot.index_select(0, blk).view_as(pos)
+    blk = pos // bs
+    d_slot = dev_slot[blk]
+    h_slot = host_slot[blk]
     on_dev = valid & (d_slot >= 0)
     on_host = valid & ~on_dev & (h_slot >= 0)
     heads = torch.arange(H, device=device)[:, None]
     off = pos % bs
 
-    def rows(slot: torch.Tensor, kv: int) -> torch.Tensor:  # flat row index into pool.kv.view(-1, D)
-        return ((((slot.clamp_min(0) * L + layer) * 2 + kv) * bs + off) * H + heads).transpose(0, 1).reshape(-1)
+    def flat(slot: torch.Tensor, kv: int) -> torch.Tensor:  # [H, S] row index into pool.kv.view(-1, D)
+        return (((slot.clamp_min(0) * L + layer) * 2 + kv) * bs + off) * H + heads
 
-    mask_dev, mask_host = on_dev.transpose(0, 1).reshape(-1, 1), on_host.transpose(0, 1).reshape(-1, 1)
     dev_flat = device_pool.kv.view(-1, D)
     host_flat = host_pool.kv.view(-1, D) if host_pool.num_slots else None
-    if host_flat is not None and device.type == "cuda":
-        both = torch.stack([mask_host.reshape(-1).long(), rows(h_slot, 0)]).cpu()  # the one sync
-        picked = torch.from_numpy(np.flatnonzero(both[0].numpy()))
-        host_k_rows = both[1][picked]  # a V row is bs * H rows after its K row
+    moved = torch.zeros((), dtype=torch.int64, device=device)
 
     def read(kv: int) -> torch.Tensor:
-        out = torch.where(mask_dev, dev_flat.index_select(0, rows(d_slot, kv)), 0)
+        nonlocal moved
+        out = dev_flat.index_select(0, flat(d_slot, kv).reshape(-1)).view(H, S, D).masked_fill(~on_dev[..., None], 0)
         if host_flat is None:
-            return out.view(-1, H, D)
-        if device.type == "cuda":
-            index = host_k_rows + kv * bs * H
-            fetched = host_flat.index_select(0, index)
-            fetched = fetched.pin_memory().to(device, non_blocking=True) if host_pool.is_pinned else fetched.to(device)
-            out.index_copy_(0, picked.to(device, non_blocking=True), fetched)
+            return out
+        index = flat(h_slot, kv)
+
+        def load(mask: torch.Tensor) -> torch.Tensor:
+            return gather_host_rows(host_flat, index, mask, device)
+
+        if cache is not None:
+            got, n = cache.read(kv, pos, on_host, num_tokens, load)
         else:
-            out = torch.where(mask_host, host_flat.index_select(0, rows(h_slot, kv)), out)
-        return out.view(-1, H, D)
+            got, n = load(on_host), on_host.sum()
+        moved = moved + n
+        return torch.where(on_host[..., None], got, out)
 
     k = read(0)
     v = read(1) if values else None
-    return k, v, on_host.sum()
+    return k, v, moved
+
+
+#: Backend of the host-row gather on CUDA (kvstore.kernels.BACKENDS), read from this variable.
+#: "torch" by default: the UVA kernel (csrc/gather_rows.cu) compiles here but has not yet run
+#: on a GPU; "auto" or "cuda" turns it on.
+ROWS_BACKEND_ENV = "KVSTORE_ROWS_BACKEND"
+DEFAULT_ROWS_BACKEND = "torch"
+
+
+def gather_host_rows(src: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows ``src[index]`` where ``mask`` (zero elsewhere) on ``device``.
+
+    Args:
+        src: ``[R, D]`` rows in host memory (pinned, to be read by the kernel).
+        index, mask: ``[...]`` int64 row indices and bool, on ``device``.
+
+    Returns ``[..., D]``. On the CPU an ``index_select``. On CUDA the UVA kernel
+    (:data:`ROWS_BACKEND_ENV`; no sync), else the torch fallback: the wanted indices come to the
+    host (one sync), the CPU gathers those rows and one non-blocking copy brings them over.
+    """
+    D = src.shape[1]
+    if device.type != "cuda":
+        return src.index_select(0, index.reshape(-1)).view(*index.shape, D).masked_fill(~mask[..., None], 0)
+    from kvstore import kernels  # the backend switch; cupy itself is imported on the kernel path only
+
+    out = torch.zeros((*index.shape, D), dtype=src.dtype, device=device)
+    if src.is_pinned() and kernels.resolve_backend(None, device, env=ROWS_BACKEND_ENV, default=DEFAULT_ROWS_BACKEND, what="rows backend") == "cuda":
+        _launch_gather_rows(src, index, mask, out)
+        return out
+    both = torch.stack([mask.reshape(-1).long(), index.reshape(-1)]).cpu()  # the one sync
+    picked = torch.from_numpy(np.flatnonzero(both[0].numpy()))
+    fetched = src.index_select(0, both[1][picked])
+    fetched = fetched.pin_memory().to(device, non_blocking=True) if src.is_pinned() else fetched.to(device)
+    out.view(-1, D).index_copy_(0, picked.to(device, non_blocking=True), fetched)
+    return out
+
+
+def _launch_gather_rows(src: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = src[index[i]] if mask[i] else 0`` in one launch of csrc/gather_rows.cu (current stream)."""
+    from kvstore import kernels
+
+    row_bytes = src.shape[1] * src.element_size()
+    if row_bytes % 16 or src.stride(1) != 1 or src.stride(0) != src.shape[1] or src.data_ptr() % 16 or out.data_ptr() % 16:
+        raise ShapeError(f"gather_rows: rows of {row_bytes} bytes (contiguous, 16-byte aligned) needed, got {tuple(src.shape)} {src.dtype}")
+    if out.dtype != src.dtype or not out.is_contiguous():
+        raise ShapeError(f"gather_rows: out {out.dtype} must be contiguous {src.dtype} (no silent casts)")
+    n = index.numel()
+    if n == 0:
+        return
+    index = index.reshape(-1).contiguous().long()
+    mask = mask.reshape(-1).contiguous().to(torch.uint8)
+    vecs = row_bytes // 16
+    per_cta = _GATHER_THREADS * _ROWS_UNROLL
+    grid = (min(-(-(n * vecs) // per_cta), _ROWS_MAX_CTAS), 1, 1)
+    kernel = kernels.load_kernel("gather_rows.cu", "gather_rows", device=out.device)
+    kernels.launch(
+        kernel, grid, (_GATHER_THREADS, 1, 1),
+        (kernels.ptr(src), kernels.ptr(out), kernels.ptr(index), kernels.ptr(mask), kernels.i64(n), kernels.i32(vecs)),
+        device=out.device,
+    )
 
 
 def _copy_runs(s_kv: torch.Tensor, d_kv: torch.Tensor, src_starts: np.ndarray, dst_starts: np.ndarray, lengths: np.ndarray) -> None:

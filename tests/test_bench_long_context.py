@@ -59,7 +59,7 @@ def test_a_batch_is_decoded_together_and_matches_its_sequences_alone(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch", "0"], "--batch must be >= 1, got 0"),
-    (["--steps", "-1"], "--steps must be >= 1, got -1"),
+    (["--steps", "1"], "--steps must be >= 2, got 1"),  # the last step is counted, not timed
     (["--chunk", "0"], "--chunk must be >= 1, got 0"),
     (["--contexts", "2048,abc"], "--contexts: expected comma-separated token counts, got '2048,abc'"),
     (["--modes", "full,sparse"], "unknown mode"),

@@ -29,7 +29,9 @@ def _store(mode: str, truth: torch.Tensor) -> tuple[KVStore, int]:
     """A prefilled store in one of the decode configurations of `kvstore bench`."""
     kw: dict = {"defer_checks": True}
     if mode.startswith("pq"):
-        kw["pq"] = PQConfig(selection=SelectionConfig(refine=4.0 if mode == "pq" else 1.0))
+        kw["pq"] = PQConfig(selection=SelectionConfig(refine=1.0 if mode == "pq-codes" else 4.0))
+    if mode == "pq-cached":  # re-ranking and final rows through the device row cache
+        kw["pq"], kw["row_cache"] = PQConfig(selection=SelectionConfig(refine=4.0)), 256
     if mode == "lossless":  # a device tier of a quarter of the context, a host tier of half, the rest dropped
         kw.update(device_blocks=10, host_blocks=16, recompute=lambda s, start, n: truth[:, :, start : start + n].clone())
     else:
@@ -57,7 +59,7 @@ def _decode(store: KVStore, seq: int, truth: torch.Tensor, step: int, q: torch.T
     return outs
 
 
-@pytest.mark.parametrize("mode", ["pq", "pq-codes", "full", "lossless"])
+@pytest.mark.parametrize("mode", ["pq", "pq-cached", "pq-codes", "full", "lossless"])
 def test_a_decode_step_makes_no_sync_and_end_step_makes_one(mode):
     truth = _kv(PROMPT + 4, seed=1)
     store, seq = _store(mode, truth)
@@ -72,6 +74,7 @@ def test_a_decode_step_makes_no_sync_and_end_step_makes_one(mode):
             store.end_step()
             assert counter.count == 1, f"end_step of {mode}: {dict(counter.sites)}"
             counter.reset()
+    assert (store.row_cache_bytes() > 0) == (mode == "pq-cached")
 
 
 def test_the_counter_sees_every_kind_of_sync():
