@@ -175,7 +175,7 @@ def comma_list(item: Callable[[str], T], *, allow_empty: bool = False, unique: b
             try:
                 out.append(item(p))
             except argparse.ArgumentTypeError as exc:
-                raise argparse.ArgumentTypeError(f"{exc} (in {text!r})") from None
+                raise argparse.ArgumentTypeError(f"{exc} (in {text!r})" if len(parts) > 1 else str(exc)) from None
         if unique and len(set(map(repr, out))) < len(out):
             raise argparse.ArgumentTypeError(f"an item is listed twice in {text!r}")
         return out
