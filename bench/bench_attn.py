@@ -32,27 +32,27 @@ import torch
 
 from kvstore.attn import BlockSegments, merge_states, multi_segment_attention, paged_attention, reference
 from kvstore.blocks import BlockPool
+from kvstore.errors import ConfigError
 from kvstore.spec import PRESETS, KVSpec
 
-from .common import add_common_args, machine_info, print_table, resolve_device, time_fn, write_json
+from .common import (
+    Progress, add_common_args, int_list, machine_info, nonnegative_int, positive_int, print_table, resolve_device, time_fn,
+    write_json,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGETS = {"vs_gather_sdpa": 2.0, "vs_per_segment_sdpa": 1.5, "vs_sdpa_contiguous": 1.2, "copy_bw_fraction": 0.7}
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS), help="model shape (one layer)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="K/V/query dtype")
-    parser.add_argument("--tokens", type=_ints, default=[2048, 4096, 8192], help="tokens the query reads in (a)")
-    parser.add_argument("--segments", type=_ints, default=[8, 64], help="segments those tokens are split into in (a)")
-    parser.add_argument("--pool-tokens", type=int, default=131072, help="tokens the block pool holds in (a)")
-    parser.add_argument("--context", type=int, default=131072, help="contiguous context length in (b) (GPU only)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
-    parser.add_argument("--repeat", type=int, default=30, help="timed calls (median reported)")
+    parser.add_argument("--tokens", type=int_list, default="2048,4096,8192", help="comma-separated tokens the query reads in (a)")
+    parser.add_argument("--segments", type=int_list, default="8,64", help="comma-separated segment counts those tokens are split into in (a)")
+    parser.add_argument("--pool-tokens", type=positive_int, default=131072, help="tokens the block pool holds in (a)")
+    parser.add_argument("--context", type=positive_int, default=131072, help="contiguous context length in (b) (GPU only)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=5, help="untimed calls before timing")
+    parser.add_argument("--repeat", type=positive_int, default=30, help="timed calls (median reported)")
     add_common_args(parser)
 
 
@@ -110,7 +110,26 @@ def _flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return res[0].reshape(1, -1, dim), res[1].reshape(1, -1)
 
 
-def _bench_scattered(args, device, spec, rng) -> list[dict]:
+def _check(args, device: torch.device, spec: KVSpec) -> None:
+    """Option combinations the run cannot use, before any work (ConfigError naming the values)."""
+    bs = spec.block_size
+    if device.type == "cuda" and spec.dtype == torch.float32:
+        raise ConfigError(f"--dtype {args.dtype}: flash SDPA (the GPU baseline) needs fp16 or bf16")
+    for t in args.tokens:
+        for n in args.segments:
+            if n > t:
+                raise ConfigError(f"--segments {n} > --tokens {t}: every segment holds at least one token")
+            # each segment rounds up to whole blocks: at most t // bs + n blocks
+            if t // bs + n > args.pool_tokens // bs:
+                raise ConfigError(
+                    f"--tokens {t} in --segments {n} may need {t // bs + n} blocks of {bs} tokens; "
+                    f"--pool-tokens {args.pool_tokens} holds {args.pool_tokens // bs}"
+                )
+    if device.type == "cuda" and args.context % bs:
+        raise ConfigError(f"--context {args.context} must be a multiple of the block size {bs}")
+
+
+def _bench_scattered(args, device, spec, rng, progress: Progress) -> list[dict]:
     block_size = spec.block_size
     pool = BlockPool(spec, args.pool_tokens // block_size, device=device)
     pool.kv.normal_()
@@ -121,6 +140,7 @@ def _bench_scattered(args, device, spec, rng) -> list[dict]:
     rows = []
     for num_tokens in args.tokens:
         for num_segments in args.segments:
+            progress.step(f"(a) {num_tokens} tokens in {num_segments} segments")
             runs, last, lengths = _scatter(rng, num_tokens, num_segments, pool.num_slots, block_size)
             segments = BlockSegments.from_runs(runs, last, block_size=block_size, device=device)
             slot_tok, off_tok = segments.token_slots()
@@ -209,8 +229,7 @@ def _bench_contiguous(args, device, spec) -> dict:
 def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     spec = KVSpec.preset(args.preset, num_layers=1, dtype=DTYPES[args.dtype])
-    if device.type == "cuda" and spec.dtype == torch.float32:
-        raise SystemExit("--dtype fp32: flash SDPA (the GPU baseline) needs fp16 or bf16")
+    _check(args, device, spec)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     payload = {
@@ -220,9 +239,12 @@ def main(args: argparse.Namespace) -> int:
         | {"num_q_heads": spec.num_q_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
            "block_size": spec.block_size},  # fmt: skip
         "timing": "median ms; on CUDA NAME_ms is a CUDA-graph replay (GPU time), NAME_eager_ms an eager call",
-        "scattered": _bench_scattered(args, device, spec, rng),
     }
-    scattered = payload["scattered"]
+    with Progress("bench attn", total=len(args.tokens) * len(args.segments) + (device.type == "cuda")) as progress:
+        scattered = payload["scattered"] = _bench_scattered(args, device, spec, rng, progress)
+        if device.type == "cuda":
+            progress.step(f"(b) one contiguous {args.context}-token context")
+            payload["contiguous"] = _bench_contiguous(args, device, spec)
     if device.type == "cuda":
         print_table(
             f"(a) decode over scattered segments, {args.preset} {args.dtype}, pool {args.pool_tokens} tokens",
@@ -233,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
               r["max_abs_diff"]]
              for r in scattered],
         )  # fmt: skip
-        c = payload["contiguous"] = _bench_contiguous(args, device, spec)
+        c = payload["contiguous"]
         print_table(
             f"(b) decode over one contiguous {args.context}-token context",
             ["op", "ms", "GB/s", "of copy BW", "eager ms"],

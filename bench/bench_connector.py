@@ -22,27 +22,58 @@ compute (what vLLM recomputes from each request's first missing block on).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from .common import add_common_args, machine_info, parse_capacities, print_table, resolve_device, time_fn, write_json
+from kvstore.errors import ConfigError
+
+from .common import (
+    Progress, add_common_args, fraction_or_count, machine_info, names, parse_capacities, positive_int, print_table, resolve_device,
+    time_fn, write_json,
+)
+
+
+def _online_policies() -> list[str]:
+    """The policies the connector's host tier takes: every registered policy that is not
+    offline (belady needs the future)."""
+    from kvstore.evict import POLICIES
+
+    return sorted(name for name, cls in POLICIES.items() if not cls.offline)
+
+
+def _policy(text: str) -> str:
+    """One online policy name."""
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"expected one policy, got {text!r}")
+    return names(_online_policies)(text)[0]
+
+
+def _trace_file(text: str) -> str:
+    """An existing, readable trace file."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no trace file at {text!r}")
+    return text
 
 
 def add_cli_args(parser) -> None:
-    parser.add_argument("--cached-blocks", type=int, default=10_000, help="blocks resident in the host tier")
-    parser.add_argument("--requests", type=int, default=64, help="requests per step")
-    parser.add_argument("--hit-blocks", type=int, default=64, help="prefix hit of each admitted request (blocks)")
-    parser.add_argument("--policy", default="asym", help="host tier eviction policy")
-    parser.add_argument("--copy-blocks", type=int, default=64, help="vLLM blocks per save/load")
-    parser.add_argument("--layers", type=int, default=8, help="layers of the bandwidth model (llama3-8b heads/dims)")
-    parser.add_argument("--repeat", type=int, default=20, help="timed repetitions")
-    parser.add_argument("--trace", default=None, metavar="PATH",
+    parser.add_argument("--cached-blocks", type=positive_int, default=10_000, help="blocks resident in the host tier (>= --hit-blocks)")
+    parser.add_argument("--requests", type=positive_int, default=64, help="requests per step")
+    parser.add_argument("--hit-blocks", type=positive_int, default=64, help="prefix hit of each admitted request (blocks)")
+    parser.add_argument("--policy", type=_policy, default="asym", help="host tier eviction policy (an online kvstore policy)")
+    parser.add_argument("--copy-blocks", type=positive_int, default=64, help="vLLM blocks per save/load")
+    parser.add_argument("--layers", type=positive_int, default=8, help="layers of the bandwidth model (llama3-8b heads/dims)")
+    parser.add_argument("--repeat", type=positive_int, default=20, help="timed repetitions")
+    parser.add_argument("--trace", type=_trace_file, default=None, metavar="PATH",
                         help="also replay this Mooncake trace through the scheduler side: host-tier prefix hit ratio per policy")
-    parser.add_argument("--trace-policies", default="lru,asym", help="policies of the trace replay (comma-separated)")
-    parser.add_argument("--trace-capacity", default="0.1",
+    parser.add_argument("--trace-policies", type=names(_online_policies), default="lru,asym",
+                        help="policies of the trace replay (comma-separated)")
+    parser.add_argument("--trace-capacity", type=fraction_or_count, default="0.1",
                         help="host tier of the trace replay: blocks (18279) or a fraction of the trace's unique blocks (0.1)")
     add_common_args(parser)
 
@@ -206,13 +237,13 @@ def trace_hits(trace, policy: str, host_blocks: int, **config) -> dict:
     }
 
 
-def _trace_bench(args) -> list[dict]:
+def _load_trace(args):
+    """The ``--trace`` trace and its host-tier capacity in blocks (before any measurement)."""
     from kvstore.evict.trace import load_mooncake
 
     trace = load_mooncake(args.trace)
-    (cap,) = parse_capacities(args.trace_capacity, trace.num_unique_blocks)
-    policies = [p.strip() for p in args.trace_policies.split(",") if p.strip()]
-    return [trace_hits(trace, p, cap, leaves_only=leaves) for p in policies for leaves in (True, False)]
+    (cap,) = parse_capacities([args.trace_capacity], trace.num_unique_blocks)
+    return trace, cap
 
 
 def _bandwidth_bench(args, device: torch.device) -> dict:
@@ -250,9 +281,20 @@ def _bandwidth_bench(args, device: torch.device) -> dict:
 
 def main(args) -> int:
     device = resolve_device(args.device)
-    sched = _scheduler_bench(args)
+    if args.cached_blocks < args.hit_blocks:
+        raise ConfigError(f"--cached-blocks {args.cached_blocks} must hold at least one --hit-blocks {args.hit_blocks} prefix")
+    trace, cap = _load_trace(args) if args.trace else (None, None)
+    replays = [(p, leaves) for p in args.trace_policies for leaves in (True, False)] if args.trace else []
+    with Progress("bench connector", total=2 + len(replays)) as progress:
+        progress.step(f"scheduler side, policy {args.policy}: decode, admit, admit into a full tier ({args.repeat} steps each)")
+        sched = _scheduler_bench(args)
+        progress.step(f"worker save/load of {args.copy_blocks} blocks, {args.layers} layers")
+        bw = _bandwidth_bench(args, device)
+        hits = []
+        for p, leaves in replays:
+            progress.step(f"trace replay: policy {p}, leaves_only={leaves}, host tier {cap} blocks")
+            hits.append(trace_hits(trace, p, cap, leaves_only=leaves))
     full = sched["full_tier"]
-    bw = _bandwidth_bench(args, device)
     rows = [
         ["scheduler: decode step (build_connector_meta)", f"{sched['decode_us_per_request']:.2f} us/request", "<= 50 us"],
         ["scheduler: admit with prefix hit (lookup+alloc+meta)", f"{sched['admit_us_per_request']:.2f} us/request", "<= 50 us"],
@@ -269,7 +311,7 @@ def main(args) -> int:
     print_table(f"connector, policy {args.policy} ({sched['cached_blocks']} blocks cached, {sched['requests_per_step']} requests/step)", ["measure", "value", "target"], rows)
     out = {"machine": machine_info(device), "device": str(device), "policy": args.policy, "scheduler": sched, "bandwidth": bw}
     if args.trace:
-        out["trace"] = hits = _trace_bench(args)
+        out["trace"] = hits
         print_table(
             f"host-tier prefix hits, {args.trace} through the scheduler side ({hits[0]['host_blocks']} host blocks)",
             ["policy", "leaves only", "prefix hit ratio", "prefill TFLOPs"],

@@ -38,33 +38,43 @@ import torch.nn.functional as F
 
 from kvstore.attn import paged_token_attention
 from kvstore.blocks import BlockPool
+from kvstore.errors import ConfigError
 from kvstore.pq.adc import adc_topk, lookup_tables
 from kvstore.pq.index import PQIndex
 from kvstore.pq.kmeans import KMeansConfig, kmeans
 from kvstore.pq.search_cuda import adc_topk_cuda
-from kvstore.spec import KVSpec
+from kvstore.spec import PRESETS, KVSpec
 from kvstore.transfer import BlockMover, H2D_PATHS
 
 from .baselines.pqcache_ref import PQCacheRef
-from .common import add_common_args, machine_info, print_table, resolve_device, time_fn, write_json
+from .common import (
+    Progress, add_common_args, fraction, int_list, machine_info, nonnegative_int, positive_int, print_table, resolve_device,
+    time_fn, write_json,
+)
 
 _GPU_DEFAULTS = {"preset": "llama3-8b", "contexts": "32768,65536,131072", "batch": "1,8"}
 _CPU_DEFAULTS = {"preset": "tiny", "contexts": "2048,4096", "batch": "1,2"}
 
 
+def _auto_or_ints(text: str) -> str | list[int]:
+    """``auto`` or comma-separated positive integers."""
+    return "auto" if text.strip() == "auto" else int_list(text)
+
+
 def add_cli_args(parser) -> None:
-    parser.add_argument("--preset", default="auto", help="KVSpec preset; auto: llama3-8b on CUDA, tiny on CPU")
-    parser.add_argument("--contexts", default="auto", help="comma-separated context lengths; auto: 32768,65536,131072 on CUDA, 2048,4096 on CPU")
-    parser.add_argument("--batch", default="auto", help="comma-separated batch sizes; auto: 1,8 on CUDA, 1,2 on CPU")
-    parser.add_argument("--layers", type=int, default=2, help="layers held in each block (the stack's depth in memory)")
-    parser.add_argument("--budget", type=float, default=1 / 16, help="selected fraction of the context (sinks and window included)")
-    parser.add_argument("--sinks", type=int, default=32, help="sink tokens always selected")
-    parser.add_argument("--window", type=int, default=128, help="recent tokens always selected")
-    parser.add_argument("--device-fraction", type=float, default=0.25, help="device tier capacity as a fraction of the context")
-    parser.add_argument("--steps", type=int, default=8, help="decode steps of the device-tier (hit rate) simulation")
-    parser.add_argument("--gather-blocks", default="64,512,4096", help="scattered block counts of the host gather comparison")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
-    parser.add_argument("--repeat", type=int, default=10, help="timed calls per measurement")
+    parser.add_argument("--preset", default="auto", choices=["auto", *sorted(PRESETS)], help="KVSpec preset; auto: llama3-8b on CUDA, tiny on CPU")
+    parser.add_argument("--contexts", type=_auto_or_ints, default="auto",
+                        help="comma-separated context lengths; auto: 32768,65536,131072 on CUDA, 2048,4096 on CPU")
+    parser.add_argument("--batch", type=_auto_or_ints, default="auto", help="comma-separated batch sizes; auto: 1,8 on CUDA, 1,2 on CPU")
+    parser.add_argument("--layers", type=positive_int, default=2, help="layers held in each block (the stack's depth in memory)")
+    parser.add_argument("--budget", type=fraction, default=1 / 16, help="selected fraction of the context (sinks and window included)")
+    parser.add_argument("--sinks", type=nonnegative_int, default=32, help="sink tokens always selected")
+    parser.add_argument("--window", type=nonnegative_int, default=128, help="recent tokens always selected")
+    parser.add_argument("--device-fraction", type=fraction, default=0.25, help="device tier capacity as a fraction of the context")
+    parser.add_argument("--steps", type=positive_int, default=8, help="decode steps of the device-tier (hit rate) simulation")
+    parser.add_argument("--gather-blocks", type=int_list, default="64,512,4096", help="scattered block counts of the host gather comparison")
+    parser.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed calls before each measurement")
+    parser.add_argument("--repeat", type=positive_int, default=10, help="timed calls per measurement")
     parser.add_argument("--skip-kmeans", action="store_true", help="skip the k-means vs prefill comparison")
     parser.add_argument("--skip-pqcache-train", action="store_true", help="skip pqcache_ref's k-means (slow: numpy, one group at a time)")
     add_common_args(parser)
@@ -363,7 +373,7 @@ def _device_tier(cfg: _Config, args, device: torch.device, backend: str, out: di
 
 def _gather(spec: KVSpec, args, device: torch.device, bw: dict) -> list[dict]:
     """Scattered host -> device block copies by every path."""
-    counts = [int(c) for c in args.gather_blocks.split(",")]
+    counts = args.gather_blocks
     rows = []
     n_host = 2 * max(counts)
     host = BlockPool(spec, n_host, device="cpu", pin_memory=device.type == "cuda", name="host")
@@ -437,11 +447,12 @@ def _resolve(args, device: torch.device) -> tuple[KVSpec, int, list[int], list[i
     defaults = _GPU_DEFAULTS if device.type == "cuda" else _CPU_DEFAULTS
     pick = lambda name: defaults[name] if getattr(args, name) == "auto" else getattr(args, name)  # noqa: E731
     preset = KVSpec.preset(pick("preset"))
-    contexts = [int(c) for c in pick("contexts").split(",")]
+    contexts = int_list(pick("contexts")) if args.contexts == "auto" else args.contexts
+    batches = int_list(pick("batch")) if args.batch == "auto" else args.batch
     bad = [c for c in contexts if c % preset.block_size or c < 2 * (args.sinks + args.window)]
     if bad:
-        raise SystemExit(f"--contexts {bad}: each must be a multiple of {preset.block_size} and >= {2 * (args.sinks + args.window)}")
-    return preset.replace(num_layers=args.layers), preset.num_layers, contexts, [int(b) for b in pick("batch").split(",")]
+        raise ConfigError(f"--contexts {bad}: each must be a multiple of {preset.block_size} and >= {2 * (args.sinks + args.window)}")
+    return preset.replace(num_layers=args.layers), preset.num_layers, contexts, batches
 
 
 def main(args) -> int:
@@ -449,24 +460,29 @@ def main(args) -> int:
     torch.manual_seed(args.seed)
     spec, model_layers, contexts, batches = _resolve(args, device)
     started = time.perf_counter()
-    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
     results: dict = {
         "config": {**config, "spec": repr(spec), "contexts": contexts, "batches": batches, "model_layers": model_layers},
         "machine": machine_info(device),
     }
-    bw = _bandwidths(device, args)
-    results["bandwidth"] = bw
-    results["gather"] = _guard(results, "gather", lambda: _gather(spec, args, device, bw))
-    results["steps"] = []
-    for n in contexts:
-        for B in batches:
-            row = _guard(results, f"config_{n}_{B}", lambda: _run_config(_Config(spec, n, B, args, device), args, device, bw))
-            if row is not None:
-                results["steps"].append(row)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    if not args.skip_kmeans:
-        results["kmeans"] = _guard(results, "kmeans", lambda: _kmeans(spec, max(contexts), args, device))
+    with Progress("bench decode", total=2 + len(contexts) * len(batches) + (not args.skip_kmeans)) as progress:
+        progress.step("bandwidths")
+        bw = _bandwidths(device, args)
+        results["bandwidth"] = bw
+        progress.step(f"host -> device gather of {','.join(map(str, args.gather_blocks))} scattered blocks")
+        results["gather"] = _guard(results, "gather", lambda: _gather(spec, args, device, bw))
+        results["steps"] = []
+        for n in contexts:
+            for B in batches:
+                progress.step(f"context {n}, batch {B}: search, attention, dense SDPA, {args.steps}-step device tier")
+                row = _guard(results, f"config_{n}_{B}", lambda: _run_config(_Config(spec, n, B, args, device), args, device, bw))
+                if row is not None:
+                    results["steps"].append(row)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if not args.skip_kmeans:
+            progress.step(f"k-means of one layer at {max(contexts)} tokens")
+            results["kmeans"] = _guard(results, "kmeans", lambda: _kmeans(spec, max(contexts), args, device))
     results["wall_s"] = time.perf_counter() - started
 
     print_table(

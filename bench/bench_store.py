@@ -10,26 +10,50 @@ host->device bandwidth of scattered 16-token blocks with one contiguous copy of 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from kvstore.spec import KVSpec
+from kvstore.errors import ConfigError
+from kvstore.spec import PRESETS, KVSpec
 from kvstore.store import KVStore
 
-from .common import add_common_args, machine_info, print_table, resolve_device, time_fn, write_json
+from .common import Progress, add_common_args, int_list, machine_info, positive_int, print_table, resolve_device, time_fn, write_json
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
-    parser.add_argument("--preset", default="llama3-8b", help="KVSpec preset whose heads/head_dim/dtype are used")
-    parser.add_argument("--layers", type=int, default=4, help="layers kept from the preset (scaled to fit memory)")
-    parser.add_argument("--contexts", default="32768", help="comma-separated context lengths in tokens")
-    parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk size in tokens")
-    parser.add_argument("--decode-steps", type=int, default=200, help="timed decode steps per context")
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions of each throughput measurement (median)")
+    parser.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS), help="KVSpec preset whose heads/head_dim/dtype are used")
+    parser.add_argument("--layers", type=positive_int, default=4, help="layers kept from the preset (scaled to fit memory)")
+    parser.add_argument("--contexts", type=int_list, default="32768", help="comma-separated context lengths in tokens")
+    parser.add_argument("--chunk", type=positive_int, default=4096, help="prefill chunk size in tokens")
+    parser.add_argument("--decode-steps", type=positive_int, default=200, help="timed decode steps per context")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="repetitions of each throughput measurement (median)")
+
+
+def _memory_bytes(device: torch.device) -> int:
+    """Physical memory of ``device``: RAM for the CPU, the GPU's total memory for CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_memory(spec: KVSpec, contexts: list[int], args, device: torch.device) -> None:
+    """Refuse, before any work, a context whose store (device + host tier) and prefill chunk
+    cannot fit: the largest context allocates two tiers of its blocks (run_context)."""
+    n = max(contexts)
+    tier = (spec.num_blocks(n + args.decode_steps + args.repeat * 2) + 1) * spec.bytes_per_block
+    chunk = spec.num_layers * 2 * args.chunk * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
+    need = {"cpu": 2 * tier + chunk} if device.type == "cpu" else {"cpu": tier, "cuda": tier + chunk}
+    for kind, nbytes in need.items():
+        have = _memory_bytes(device if kind == device.type else torch.device("cpu"))
+        if nbytes > have:
+            raise ConfigError(
+                f"--contexts {n} with --layers {args.layers} needs {nbytes / 2**30:.1f} GiB of {kind} memory, "
+                f"this machine has {have / 2**30:.1f} GiB"
+            )
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -120,10 +144,16 @@ def scattered_vs_contiguous(spec: KVSpec, args, device: torch.device, num_blocks
 def main(args) -> int:
     device = resolve_device(args.device)
     spec = KVSpec.preset(args.preset, num_layers=args.layers)
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = args.contexts
+    _check_memory(spec, contexts, args, device)
     results = []
-    for n in tqdm(contexts, desc="store", unit="ctx"):
-        results.append(run_context(spec, n, args, device))
+    with Progress("bench store", total=len(contexts) + (device.type == "cuda")) as progress:
+        for n in contexts:
+            progress.step(f"context {n}: append, offload, load x{args.repeat}; {args.decode_steps} decode steps")
+            results.append(run_context(spec, n, args, device))
+        if device.type == "cuda":
+            progress.step("scattered vs contiguous host -> device copy")
+            copy = scattered_vs_contiguous(spec, args, device)
     print_table(
         f"kvstore bench store — {args.preset} x{args.layers} layers, {spec.bytes_per_block // 1024} KiB blocks, {device}",
         ["context", "MiB", "append GB/s", "offload GB/s", "load GB/s", "step µs (median)", "step µs (p99)"],
@@ -135,7 +165,6 @@ def main(args) -> int:
     )
     payload = {"machine": machine_info(device), "spec": {"preset": args.preset, "num_layers": args.layers}, "results": results}
     if device.type == "cuda":
-        copy = scattered_vs_contiguous(spec, args, device)
         payload["scattered_copy"] = copy
         print(
             f"scattered 16-token blocks H2D: {copy['scattered_gbps']:.1f} GB/s vs contiguous {copy['contiguous_gbps']:.1f} GB/s "

@@ -10,7 +10,6 @@ from kvstore.errors import (
     ShapeError,
     UnknownSequenceError,
 )
-from kvstore.spec import KVSpec, ModelCost
 
 __version__ = "0.1.0"
 
@@ -26,3 +25,13 @@ __all__ = [
     "BlockStateError",
     "CapacityError",
 ]
+
+
+def __getattr__(name: str):
+    """``KVSpec`` and ``ModelCost`` (kvstore/spec.py, which imports torch) on first use, so that
+    ``import kvstore.cli`` for ``kvstore --help`` does not import torch."""
+    if name in ("KVSpec", "ModelCost"):
+        from kvstore import spec
+
+        return getattr(spec, name)
+    raise AttributeError(f"module 'kvstore' has no attribute {name!r}")

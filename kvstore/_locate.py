@@ -16,7 +16,12 @@ from types import ModuleType
 
 _PKG = Path(__file__).resolve().parent
 
-__all__ = ["csrc_dir", "csrc_path", "bench_dir", "import_bench"]
+__all__ = ["csrc_dir", "csrc_path", "bench_dir", "import_bench", "TRACE_DIR_ENV", "DEFAULT_TRACE", "trace_dirs", "default_trace"]
+
+#: environment variable naming a folder of traces, searched first
+TRACE_DIR_ENV = "KVSTORE_TRACE_DIR"
+#: the trace ``kvstore replay`` reads by default (it ships beside the project, in ``shared/traces/``)
+DEFAULT_TRACE = "mooncake_conversation.jsonl"
 
 
 def _find(installed: str, checkout: str) -> Path:
@@ -61,3 +66,31 @@ def import_bench(name: str) -> ModuleType:
     """Import ``bench/<name>.py`` (dotted for subfolders: ``"baselines.pqcache_ref"``)."""
     _bench_package()
     return importlib.import_module(f"kvstore._bench.{name}")
+
+
+def trace_dirs() -> list[Path]:
+    """Folders searched for a named trace, in order: ``$KVSTORE_TRACE_DIR``, then ``shared/traces``
+    beside the checkout (``<checkout>/../shared/traces``) and inside it, then ``../shared/traces``
+    and ``shared/traces`` from the current directory. Independent of the current directory
+    except for the last two."""
+    import os
+
+    dirs = [Path(os.environ[TRACE_DIR_ENV]).expanduser()] if os.environ.get(TRACE_DIR_ENV) else []
+    checkout = _PKG.parent
+    dirs += [checkout.parent / "shared" / "traces", checkout / "shared" / "traces"]
+    dirs += [Path.cwd().parent / "shared" / "traces", Path.cwd() / "shared" / "traces"]
+    return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
+def default_trace(name: str = DEFAULT_TRACE) -> Path:
+    """The trace file ``name`` in the first of ``trace_dirs()`` holding it (ConfigError listing
+    the folders searched otherwise)."""
+    from kvstore.errors import ConfigError
+
+    searched = trace_dirs()
+    for folder in searched:
+        if (folder / name).is_file():
+            return folder / name
+    raise ConfigError(
+        f"trace {name!r} not found in {', '.join(map(str, searched))}; pass --trace PATH or set {TRACE_DIR_ENV}"
+    )

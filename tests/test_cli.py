@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,13 @@ from kvstore._locate import bench_dir, import_bench
 
 
 def test_no_top_level_bench_package_is_importable():
-    assert importlib.util.find_spec("bench") is None or "kvstore" not in str(importlib.util.find_spec("bench").origin)
+    """No installed top-level ``bench``: the only one importable is the checkout's own folder
+    (found through the current directory when the tests run from the checkout root, whatever
+    the clone is named, e.g. ``kvstore``), never a copy in site-packages."""
+    spec = importlib.util.find_spec("bench")
+    if spec is not None:
+        assert Path(spec.origin).resolve().parent == bench_dir().resolve(), spec.origin
+        assert "site-packages" not in Path(spec.origin).resolve().parts, spec.origin
     assert import_bench("common").__name__ == "kvstore._bench.common"
 
 
