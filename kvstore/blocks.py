@@ -21,10 +21,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvstore import validate
 from kvstore.errors import BlockStateError, CapacityError, ConfigError, OutOfRangeError
 from kvstore.spec import KVSpec
 
 __all__ = ["BlockPool"]
+
+#: host bytes of bookkeeping per slot (refcount int32, owner, pending_write and free-list int64)
+_BOOKKEEPING_BYTES = 4 + 3 * 8
 
 
 class BlockPool:
@@ -51,15 +55,22 @@ class BlockPool:
         name: str = "pool",
         host: bool | None = None,
     ) -> None:
-        if not isinstance(num_slots, int) or isinstance(num_slots, bool) or num_slots < 0:
-            raise ConfigError(f"BlockPool({name}).num_slots must be an int >= 0, got {num_slots!r}")
+        what = f"BlockPool({name})"
+        num_slots = validate.tier_blocks(num_slots, f"{what}.num_slots")
         self.spec = spec
         self.name = name
         self.num_slots = num_slots
-        self.device = torch.device(device)
+        self.device = validate.device(device, f"{what}.device", types=("cpu", "cuda", "meta"))
         self.host = self.device.type == "cpu" if host is None else bool(host)
         pin = pin_memory and self.device.type == "cpu" and num_slots > 0
-        self.kv = torch.empty((num_slots, *spec.block_shape), dtype=spec.dtype, device=self.device, pin_memory=pin)
+        validate.tier_bytes(num_slots, spec.bytes_per_block + _BOOKKEEPING_BYTES, self.device, f"{name} tier:")
+        try:
+            self.kv = torch.empty((num_slots, *spec.block_shape), dtype=spec.dtype, device=self.device, pin_memory=pin)
+        except (MemoryError, RuntimeError) as e:  # the allocator's refusal (torch raises RuntimeError or OutOfMemoryError)
+            raise ConfigError(
+                f"{name} tier: cannot allocate {num_slots} blocks x {spec.bytes_per_block} bytes on {self.device} "
+                f"({str(e).splitlines()[0]})"
+            ) from None
         self.refcount = np.zeros(num_slots, dtype=np.int32)
         self.owner = np.full(num_slots, -1, dtype=np.int64)
         # ticket of the last asynchronous copy into each slot (0: none); BlockMover.wait_writes reads it
@@ -151,11 +162,15 @@ class BlockPool:
         return self.kv.view(-1, spec.head_dim).index_select(0, index)
 
     def check(self) -> None:
-        """Assert the pool's invariants (tests and debugging)."""
+        """Raise AssertionError (also under ``python -O``) if an invariant of the pool is broken."""
         free = self._free[: self._num_free]
-        assert np.unique(free).size == free.size, "slot on the free list twice"
-        assert np.all(self.refcount[free] == 0), "free slot with references"
-        assert np.all(self.owner[free] == -1), "free slot with an owner"
         used = np.setdiff1d(np.arange(self.num_slots), free)
-        assert np.all(self.refcount[used] >= 1), "allocated slot with refcount 0"
-        assert used.size == self.num_used
+        for ok, broken in (
+            (np.unique(free).size == free.size, "slot on the free list twice"),
+            (np.all(self.refcount[free] == 0), "free slot with references"),
+            (np.all(self.owner[free] == -1), "free slot with an owner"),
+            (np.all(self.refcount[used] >= 1), "allocated slot with refcount 0"),
+            (used.size == self.num_used, "free list and used count disagree"),
+        ):
+            if not ok:
+                raise AssertionError(f"{self.name} tier: {broken}")

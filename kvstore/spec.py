@@ -13,15 +13,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvstore import validate
 from kvstore.errors import ConfigError
 
 __all__ = ["KVSpec", "ModelCost", "PRESETS", "MODEL_COSTS"]
 
 
-def _require_positive(owner: str, **values: int) -> None:
+#: Upper bound (exclusive) of every KVSpec/ModelCost size: a block's byte count and every
+#: product of sizes stay far below 2**63 (2**31 layers x heads x head_dim x block_size would
+#: already be unrepresentable on any device, so no real model comes near it).
+_MAX_SIZE = 2**31
+
+
+def _require_positive(obj: object, **values: int) -> None:
+    """Each field a positive integer below 2**31 (numpy integers accepted, stored as int)."""
+    owner = type(obj).__name__
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{owner}.{name} must be a positive int, got {value!r}")
+        v = validate.integer(value, f"{owner}.{name} (a positive int)", lo=1, hi=_MAX_SIZE)
+        object.__setattr__(obj, name, v)  # a frozen dataclass: store the exact Python int
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -49,7 +58,7 @@ class KVSpec:
 
     def __post_init__(self) -> None:
         _require_positive(
-            "KVSpec",
+            self,
             num_layers=self.num_layers,
             num_kv_heads=self.num_kv_heads,
             num_q_heads=self.num_q_heads,
@@ -119,9 +128,9 @@ class ModelCost:
     num_layers: int
 
     def __post_init__(self) -> None:
-        if not self.num_params > 0:
-            raise ConfigError(f"ModelCost.num_params must be > 0, got {self.num_params!r}")
-        _require_positive("ModelCost", hidden_size=self.hidden_size, num_layers=self.num_layers)
+        num_params = validate.number(self.num_params, "ModelCost.num_params", lo=0.0, lo_open=True)
+        object.__setattr__(self, "num_params", num_params)
+        _require_positive(self, hidden_size=self.hidden_size, num_layers=self.num_layers)
 
     @property
     def linear_flops_per_token(self) -> float:

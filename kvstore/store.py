@@ -57,6 +57,7 @@ import torch
 
 from kvstore.attn import merge_states, multi_segment_attention, paged_attention
 from kvstore.attn.segments import BlockSegments
+from kvstore import validate
 from kvstore.blocks import BlockPool
 from kvstore.errors import (
     BlockStateError,
@@ -237,9 +238,9 @@ class KVStore:
             while self._next_seq in self._seqs:
                 self._next_seq += 1
             seq_id = self._next_seq
-        elif not isinstance(seq_id, int) or isinstance(seq_id, bool) or seq_id < 0:
-            raise ConfigError(f"sequence id must be an int >= 0, got {seq_id!r}")
-        elif seq_id in self._seqs:
+        else:  # block metadata stores the owner as int64
+            seq_id = validate.integer(seq_id, "sequence id", lo=0, hi=validate.INT64_MAX + 1)
+        if seq_id in self._seqs:
             raise ConfigError(f"sequence {seq_id} already exists")
         self._seqs[seq_id] = _Seq(self.spec.num_layers)
         if self.pq is not None:
@@ -390,15 +391,24 @@ class KVStore:
         ``blocks`` (indices into :meth:`block_table`) they fall in, which
         :meth:`ensure_resident` brings to the device before attention.
         """
+        spec = self.spec
+        if not isinstance(queries, torch.Tensor) or tuple(queries.shape) != (spec.num_q_heads, spec.head_dim):
+            got = tuple(queries.shape) if isinstance(queries, torch.Tensor) else validate.show(queries)
+            raise ShapeError(f"select: queries must be a tensor [{spec.num_q_heads}, {spec.head_dim}] (Hq, D), got {got}")
         return self.select_many([seq], layer, queries.unsqueeze(0), [budget])[0]
 
     def select_many(self, seqs, layer: int, queries: torch.Tensor, budgets) -> list[Selection]:
         """:meth:`select` for a batch of sequences of different lengths (``queries: [B, Hq, D]``), scored together."""
         if self.pq is None:
             raise ConfigError("select: this KVStore has no PQ index (construct it with pq=PQConfig())")
-        self._layer(layer)
+        layer = self._layer(layer)
+        if not isinstance(seqs, (list, tuple)) or not isinstance(budgets, (list, tuple)):
+            raise ShapeError(f"select_many: seqs and budgets must be lists, got {validate.show(seqs)} and {validate.show(budgets)}")
         for s in seqs:
             self._seq(s)  # UnknownSequenceError for a bad id
+        seqs = [int(s) for s in seqs]
+        if isinstance(queries, torch.Tensor) and queries.device != self.device:
+            raise ShapeError(f"select_many: queries on {queries.device}, the store is on {self.device}")
         return select_batch([self._pq[s] for s in seqs], layer, queries, list(budgets))
 
     def gather_keys(self, seq: int, layer: int, positions: torch.Tensor) -> torch.Tensor:
@@ -595,6 +605,8 @@ class KVStore:
             raise ShapeError(f"{name} has dtype {x.dtype}, the store holds {self.spec.dtype} (no silent casts)")
         if x.device != self.device:
             raise ShapeError(f"{name} is on {x.device}, the device tier is on {self.device}")
+        if x.requires_grad:  # rejected, not detached: writing it would make the pool part of an autograd graph
+            raise ShapeError(f"{name} requires grad; the store keeps no autograd graph: pass {name}.detach()")
         if not self.allow_nonfinite and x.numel():
             self.checks.add((~torch.isfinite(x)).sum(), partial(_nonfinite, f"{name} {where}", "pass allow_nonfinite=True to accept them"))
 
@@ -675,10 +687,7 @@ class KVStore:
         if positions is None:
             pos = np.arange(n, dtype=np.int64)
         else:
-            pos = np.asarray(positions.cpu() if isinstance(positions, torch.Tensor) else positions, dtype=np.int64).reshape(-1)
-            bad = pos[(pos < 0) | (pos >= n)]
-            if bad.size:
-                raise OutOfRangeError(f"sequence {seq}: positions {bad[:8].tolist()} out of range [0, {n})")
+            pos = validate.index_array(positions, f"sequence {seq}: positions", lo=0, hi=n)
         bs = self.spec.block_size
         bidx = pos // bs
         ids = s.ids[bidx]
@@ -782,26 +791,18 @@ class KVStore:
 
     # ================================================================== internals: blocks
     def _seq(self, seq: int) -> _Seq:
+        if not validate.is_integer(seq):  # 0.0 and True would find sequence 0 and 1 in the dict
+            raise UnknownSequenceError(f"sequence id {validate.show(seq)} must be an integer (got {type(seq).__name__})")
         try:
-            return self._seqs[seq]
-        except (KeyError, TypeError):
-            raise UnknownSequenceError(f"unknown sequence {seq!r} (never created or already freed)") from None
+            return self._seqs[int(seq)]
+        except KeyError:
+            raise UnknownSequenceError(f"unknown sequence {int(seq)} (never created or already freed)") from None
 
     def _layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.spec.num_layers:
-            raise OutOfRangeError(f"layer {layer!r} out of range [0, {self.spec.num_layers})")
-        return layer
+        return validate.integer(layer, "layer", lo=0, hi=self.spec.num_layers, error=OutOfRangeError)
 
     def _check_blocks(self, blocks) -> np.ndarray:
-        if isinstance(blocks, torch.Tensor):
-            blocks = blocks.cpu().numpy()
-        arr = np.asarray(blocks)
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise ShapeError(f"block ids must be integers, got dtype {arr.dtype}")
-        ids = arr.astype(np.int64).reshape(-1)
-        bad = ids[(ids < 0) | (ids >= self._next_id)]
-        if bad.size:
-            raise OutOfRangeError(f"block ids {bad[:8].tolist()} out of range [0, {self._next_id})")
+        ids = validate.index_array(blocks, "block ids", lo=0, hi=self._next_id)
         dead = ids[self.blocks.refcount[ids] <= 0]
         if dead.size:
             raise BlockStateError(f"block ids {dead[:8].tolist()} are not live (freed)")
@@ -922,36 +923,46 @@ class KVStore:
         self._free_device(victims)
 
     def _ensure_device(self, ids: np.ndarray, *, extra: int = 0, protected: np.ndarray, allow_recompute: bool) -> TransferHandle:
-        """Bring ``ids`` to the device tier and leave ``extra`` further free device slots."""
+        """Bring ``ids`` to the device tier and leave ``extra`` further free device slots.
+
+        All or nothing: dropped blocks are recomputed (and the callable's output validated)
+        before anything changes, and room is made (which raises CapacityError before it changes
+        anything) before any block moves, so a recompute callable that raises or returns a bad
+        block, or a tier that cannot make room, leaves the store as it was. The recomputed
+        blocks are held until they are placed (a transient copy of their bytes on the device).
+        Each block's tier is updated as its slot changes.
+        """
         b = self.blocks
         missing = ids[b.dev_slot[ids] < 0]
-        if allow_recompute:
-            dropped = missing[b.host_slot[missing] < 0]
-            if dropped.size and self.recompute is None:
-                raise BlockStateError(f"blocks {dropped[:8].tolist()} were dropped and there is no recompute callable")
+        dropped = missing[b.host_slot[missing] < 0]
+        if dropped.size and (not allow_recompute or self.recompute is None):
+            raise BlockStateError(f"blocks {dropped[:8].tolist()} were dropped and there is no recompute callable")
+        restored = [self._recompute_block(block) for block in dropped.tolist()]
         self._make_device_room(missing.size + extra, protected)
         handle = TransferHandle()
-        if not missing.size:
-            return handle
         from_host = missing[b.host_slot[missing] >= 0]
         if from_host.size:
             slots = self.device_pool.allocate(from_host)
             handle = self.mover.copy(self.host_pool, b.host_slot[from_host], self.device_pool, slots)
             handle.wait()
             b.dev_slot[from_host] = slots
+            self._set_tier(from_host)
             self.host_policy.on_remove(from_host)  # the host copy stays, but the device copy now serves hits
             self.device_policy.on_insert(from_host)
-        for block in missing[b.host_slot[missing] < 0].tolist():
-            kv = self._recompute_block(block)
-            slot = self.device_pool.allocate(np.array([block]))
-            b.dev_slot[block] = slot[0]
-            self.device_pool.kv[int(slot[0]), :, :, : kv.shape[2]] = kv
-            self.device_policy.on_insert(np.array([block]))
-        self._set_tier(missing)
+        if dropped.size:
+            slots = self.device_pool.allocate(dropped)
+            for slot, kv in zip(slots.tolist(), restored):
+                self.device_pool.kv[slot, :, :, : kv.shape[2]] = kv
+            b.dev_slot[dropped] = slots
+            self._set_tier(dropped)
+            self.device_policy.on_insert(dropped)
         return handle
 
     def _recompute_block(self, block: int) -> torch.Tensor:
-        """``[L, 2, filled, Hkv, D]`` from the recompute callable, validated."""
+        """``[L, 2, filled, Hkv, D]`` from the recompute callable, on the device, validated: a
+        tensor of that shape and the store's dtype that does not require grad (ShapeError), and
+        finite unless ``allow_nonfinite`` (NonFiniteError; deferred to :meth:`end_step` with
+        deferred checks). Changes nothing; an exception of the callable propagates as it is."""
         b = self.blocks
         n = int(b.filled[block])
         seq, start = int(b.seq[block]), int(b.position[block])
@@ -961,7 +972,15 @@ class KVStore:
         if not isinstance(kv, torch.Tensor) or tuple(kv.shape) != want or kv.dtype != spec.dtype:
             got = (tuple(kv.shape), kv.dtype) if isinstance(kv, torch.Tensor) else type(kv).__name__
             raise ShapeError(f"recompute({seq}, {start}, {n}) returned {got}, expected shape {want} of {spec.dtype}")
-        return kv.to(self.device)
+        if kv.requires_grad:
+            raise ShapeError(f"recompute({seq}, {start}, {n}) returned a tensor that requires grad; return it detached")
+        kv = kv.to(self.device)
+        if not self.allow_nonfinite:
+            self.checks.add(
+                (~torch.isfinite(kv)).sum(),
+                partial(_nonfinite, f"recompute({seq}, {start}, {n}) output", "the recompute callable returned them"),
+            )
+        return kv
 
     def _copy_to_host(self, ids: np.ndarray) -> TransferHandle:
         """Copy device blocks (no host copy yet, room made by the caller) into new host slots."""
@@ -1004,31 +1023,51 @@ class KVStore:
 
     # ================================================================== consistency
     def check(self) -> None:
-        """Assert every invariant between sequences, block metadata, pools and policies."""
+        """Raise AssertionError (also under ``python -O``) naming the first broken invariant
+        between sequences, block metadata, pools and policies: refcounts equal the references
+        from block tables; every slot is owned by the block that names it and no slot leaks;
+        every block's tier is the fastest copy it has (``TIER_DEVICE`` iff it has a device
+        slot, ``TIER_HOST`` iff only a host slot, ``TIER_NONE`` iff neither); freed ids hold
+        nothing and sit once on the free list; each policy tracks exactly its tier's blocks."""
         b = self.blocks
+
+        def require(ok, broken: str) -> None:
+            if not ok:
+                raise AssertionError(f"KVStore.check: {broken}")
+
         refs = np.zeros(self._next_id, dtype=np.int64)
         for seq_id, s in self._seqs.items():
             np.add.at(refs, s.ids, 1)
             owned = s.ids[b.seq[s.ids] == seq_id]
-            assert np.all(b.position[owned] == np.flatnonzero(b.seq[s.ids] == seq_id) * self.spec.block_size)
-            assert s.num_blocks == self.spec.num_blocks(int(s.layer_lens.max())), "table length != tokens"
+            require(
+                np.all(b.position[owned] == np.flatnonzero(b.seq[s.ids] == seq_id) * self.spec.block_size),
+                f"sequence {seq_id}: a block's position is not its index in the table",
+            )
+            require(s.num_blocks == self.spec.num_blocks(int(s.layer_lens.max())), f"sequence {seq_id}: table length != tokens")
         live = np.flatnonzero(refs)
-        assert np.array_equal(refs, b.refcount[: self._next_id]), "refcount != references from sequence tables"
-        assert np.all(np.isin(b.seq[live], list(self._seqs))), "a live block's owner was freed"
+        require(np.array_equal(refs, b.refcount[: self._next_id]), "refcount != references from sequence tables")
+        require(np.all(np.isin(b.seq[live], list(self._seqs))), "a live block's owner was freed")
         for pool, slot_of in ((self.device_pool, b.dev_slot), (self.host_pool, b.host_slot)):
             pool.check()
             held = live[slot_of[live] >= 0]
-            assert np.unique(slot_of[held]).size == held.size, f"{pool.name}: two blocks share a slot"
-            assert np.array_equal(pool.owner[slot_of[held]], held), f"{pool.name}: owner map disagrees"
-            assert held.size == pool.num_used, f"{pool.name}: {pool.num_used - held.size} leaked slots"
+            require(np.unique(slot_of[held]).size == held.size, f"{pool.name}: two blocks share a slot")
+            require(np.array_equal(pool.owner[slot_of[held]], held), f"{pool.name}: owner map disagrees")
+            require(held.size == pool.num_used, f"{pool.name}: {pool.num_used - held.size} leaked slots")
+        dev, host = b.dev_slot[live], b.host_slot[live]
+        tier = np.where(dev >= 0, DEVICE, np.where(host >= 0, HOST, NONE))
+        wrong = live[b.tier[live] != tier]
+        require(
+            not wrong.size,
+            f"blocks {wrong[:8].tolist()} say tiers {b.tier[wrong[:8]].tolist()} but their slots say {tier[b.tier[live] != tier][:8].tolist()}",
+        )
         dead = np.setdiff1d(np.arange(self._next_id), live)
-        assert np.all(b.dev_slot[dead] == -1) and np.all(b.host_slot[dead] == -1), "freed block still has a copy"
-        assert np.unique(self._free_ids).size == self._free_ids.size == dead.size, "block-id free list"
-        assert len(self.device_policy) == int((b.dev_slot[live] >= 0).sum()), "device policy tracks other blocks"
-        host_only = live[(b.dev_slot[live] < 0) & (b.host_slot[live] >= 0)]
-        assert len(self.host_policy) == host_only.size, "host policy tracks other blocks"
+        require(np.all(b.dev_slot[dead] == -1) and np.all(b.host_slot[dead] == -1), "freed block still has a copy")
+        require(np.all(b.tier[dead] == NONE), "freed block has a tier")
+        require(np.unique(self._free_ids).size == self._free_ids.size == dead.size, "block-id free list")
+        require(len(self.device_policy) == int((dev >= 0).sum()), "device policy tracks other blocks")
+        require(len(self.host_policy) == int(((dev < 0) & (host >= 0)).sum()), "host policy tracks other blocks")
         if self.recompute is None:
-            assert np.all((b.dev_slot[live] >= 0) | (b.host_slot[live] >= 0)), "a block lost every copy"
+            require(np.all((dev >= 0) | (host >= 0)), "a block lost every copy")
 
 
 def _nonfinite(what: str, hint: str, count: np.ndarray) -> None:

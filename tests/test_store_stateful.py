@@ -8,6 +8,12 @@ bit-exactly, whichever tiers it passed through. Operations the store must refuse
 tier with nothing evictable, a load of a dropped block, ...) raise a KVStoreError and change
 nothing. Each run drives both a store with a recompute callable (lossless mode: blocks get
 dropped) and one without (nothing may ever be lost).
+
+In lossless mode the recompute callable also misbehaves on purpose (it raises, returns a block
+of the wrong shape or dtype, or one holding NaN) while an operation needs a dropped block
+(ensure_resident, append into a dropped partial block, fork, read): the operation must fail
+with that error and leave everything observable as it was, down to the tiers and the policies'
+eviction order.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from kvstore.errors import KVStoreError
+from kvstore.errors import KVStoreError, NonFiniteError, ShapeError
+from kvstore.evict.base import BlockInfo
 from kvstore.spec import KVSpec
 from kvstore.store import KVStore
 
@@ -27,6 +34,22 @@ pytestmark = pytest.mark.usefixtures("copy_streams")  # every test with immediat
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=4, head_dim=4, dtype=torch.float32, block_size=4)
 STEPS = {"count": 0}
+FAULTS = {"count": 0}
+
+
+class EngineFailure(Exception):
+    """What a failing engine's recompute raises (not a KVStoreError: it must propagate as is)."""
+
+
+#: fault -> (what the misbehaving recompute returns for the true block ``kv``, the error the store raises)
+FAULTY = {
+    "raise": (None, EngineFailure),
+    "long": (lambda kv: torch.cat([kv, kv[:, :, :1]], 2), ShapeError),
+    "heads": (lambda kv: kv[:, :, :, :1], ShapeError),
+    "dtype": (lambda kv: kv.double(), ShapeError),
+    "list": (lambda kv: kv.tolist(), ShapeError),
+    "nan": (lambda kv: kv.index_fill(2, torch.tensor([kv.shape[2] - 1]), float("nan")), NonFiniteError),
+}
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -34,9 +57,15 @@ class StoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.truth: dict[int, torch.Tensor] = {}  # seq -> [L, 2, n, Hkv, D], the model
         self.rng = torch.Generator().manual_seed(0)
+        self.fault: str | None = None
 
     def _recompute(self, seq: int, start: int, n: int) -> torch.Tensor:
-        return self.truth[seq][:, :, start : start + n].clone()
+        kv = self.truth[seq][:, :, start : start + n].clone()
+        if self.fault is None:
+            return kv
+        if self.fault == "raise":
+            raise EngineFailure(f"recompute({seq}, {start}, {n}) failed")
+        return FAULTY[self.fault][0](kv)
 
     @initialize(
         lossless=st.booleans(),
@@ -76,11 +105,33 @@ class StoreMachine(RuleBasedStateMachine):
         tables = {s: st_.block_table(s).tolist() for s in st_.sequences}
         return (
             tables,
-            {s: st_.num_tokens(s) for s in st_.sequences},
+            {s: [st_.num_tokens(s, layer) for layer in range(SPEC.num_layers)] for s in st_.sequences},
             b.dev_slot[: st_._next_id].tolist(),
             b.host_slot[: st_._next_id].tolist(),
+            b.tier[: st_._next_id].tolist(),
+            b.filled[: st_._next_id].tolist(),
+            st_.device_pool._free[: st_.device_pool.num_free].tolist(),
+            st_.host_pool._free[: st_.host_pool.num_free].tolist(),
+            [p.victims(len(p)).tolist() for p in (st_.device_policy, st_.host_policy)],  # eviction order
             st_.memory(),
         )
+
+    def _dropped(self) -> np.ndarray:
+        ids = self._all_blocks()
+        return ids[self.store.blocks.tier[ids] == BlockInfo.TIER_NONE] if ids.size else ids
+
+    def _fails(self, fault: str, fn) -> None:
+        """``fn`` needs a dropped block while recompute misbehaves as ``fault``: it raises that
+        fault's error and changes nothing observable (the invariants then read every token)."""
+        before = self._observable()
+        self.fault = fault
+        try:
+            with pytest.raises(FAULTY[fault][1]):
+                fn()
+        finally:
+            self.fault = None
+        assert self._observable() == before, f"a recompute fault ({fault}) changed the store"
+        FAULTS["count"] += 1
 
     def _all_blocks(self) -> np.ndarray:
         ids = [self.store.block_table(s).numpy() for s in self.store.sequences]
@@ -157,6 +208,38 @@ class StoreMachine(RuleBasedStateMachine):
         if ids.size:
             self._attempt(lambda: self.store.ensure_resident(ids))
 
+    @precondition(lambda self: hasattr(self, "store") and self.store.recompute is not None)
+    @rule(data=st.data(), fault=st.sampled_from(sorted(FAULTY)))
+    def ensure_resident_while_recompute_fails(self, data, fault: str) -> None:
+        ids = self._pick(data, lambda ids: ids >= 0)
+        if not ids.size:
+            return
+        if not self._dropped().size:  # drop one of them first (a refused drop is no drop)
+            self.store.drop(ids[:1])
+        ids = np.union1d(ids, self._dropped()[:1])
+        self._fails(fault, lambda: self.store.ensure_resident(ids))
+
+    @precondition(lambda self: hasattr(self, "store") and self.store.recompute is not None)
+    @rule(data=st.data(), fault=st.sampled_from(sorted(FAULTY)), n=st.integers(1, 6))
+    def append_fork_read_while_recompute_fails(self, data, fault: str, n: int) -> None:
+        """A sequence whose last block is partial, dropped first: appending writes into it,
+        forking copies it, reading it recomputes it; each needs recompute."""
+        st_ = self.store
+        seqs = [s for s in sorted(self.truth) if self.truth[s].shape[2] % SPEC.block_size]
+        if not seqs:
+            return
+        s = data.draw(st.sampled_from(seqs))
+        st_.drop(st_.block_table(s)[-1:])
+        kv = self._kv(n)
+        op = data.draw(st.sampled_from(["append", "append_layer", "fork", "read"]))
+        calls = {
+            "append": lambda: st_.append(s, kv[:, 0], kv[:, 1]),
+            "append_layer": lambda: st_.append(s, kv[0, 0], kv[0, 1], layer=0),
+            "fork": lambda: st_.fork(s),
+            "read": lambda: st_.read(s),
+        }
+        self._fails(fault, calls[op])
+
     @precondition(lambda self: self.truth)
     @rule(data=st.data())
     def fork(self, data) -> None:
@@ -195,7 +278,7 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 def test_store_state_machine():
-    STEPS["count"] = 0
+    STEPS["count"] = FAULTS["count"] = 0
     run_state_machine_as_test(
         StoreMachine,
         settings=settings(
@@ -207,3 +290,4 @@ def test_store_state_machine():
         ),
     )
     assert STEPS["count"] >= 2000, f"only {STEPS['count']} steps ran"
+    assert FAULTS["count"] >= 50, f"only {FAULTS['count']} operations ran into a failing recompute"

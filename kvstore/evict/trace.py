@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from kvstore import validate
 from kvstore.errors import ConfigError, TraceFormatError
 
 __all__ = ["Trace", "load_trace", "load_mooncake", "load_jsonl", "TRACE_FORMATS", "DEFAULT_BLOCK_TOKENS"]
@@ -126,11 +127,20 @@ class Trace:
         source: str = "<memory>",
     ) -> "Trace":
         """A trace from in-memory block-id lists (the ``jsonl`` rules apply; errors name the
-        request index as the line)."""
-        lines = [
-            {"blocks": list(map(int, req)), **({"input_length": int(input_lengths[i])} if input_lengths is not None else {})}
-            for i, req in enumerate(requests)
-        ]
+        request index as the line). Ids and lengths are integers (numpy integers too; floats and
+        bools are refused, not truncated)."""
+        if not isinstance(requests, (list, tuple)):
+            raise TraceFormatError(f"{source}: requests must be a list of block-id lists, got {validate.show(requests)}")
+        if input_lengths is not None and (not isinstance(input_lengths, (list, tuple, np.ndarray)) or len(input_lengths) != len(requests)):
+            raise TraceFormatError(f"{source}: input_lengths must be a list of one int per request ({len(requests)}), got {validate.show(input_lengths)}")
+        lines = []
+        for i, req in enumerate(requests):
+            where = f"{source}:{i + 1}:"
+            ids = validate.index_array(req, f"{where} block ids", lo=0, hi=2**63, error=TraceFormatError, type_error=TraceFormatError)
+            line = {"blocks": ids.tolist()}
+            if input_lengths is not None:
+                line["input_length"] = validate.integer(input_lengths[i], f"{where} input_length", lo=0, hi=2**63, error=TraceFormatError)
+            lines.append(line)
         return _build(_parse_records(lines, _JSONL, source, block_tokens, line_numbers=range(1, len(lines) + 1)))
 
 
@@ -174,8 +184,7 @@ class _Records:
 
 
 def _parse_records(objects, fmt: _Format, source: str, block_tokens: int, line_numbers) -> _Records:
-    if not _is_int(block_tokens) or block_tokens <= 0:
-        raise ConfigError(f"block_tokens must be a positive int, got {block_tokens!r}")
+    block_tokens = validate.integer(block_tokens, "block_tokens", lo=1, hi=2**31)
     rec = _Records(source, block_tokens)
     for line, obj in zip(line_numbers, objects):
         if not isinstance(obj, dict):
@@ -184,8 +193,11 @@ def _parse_records(objects, fmt: _Format, source: str, block_tokens: int, line_n
         if missing:
             raise _fail(source, line, f"missing field(s) {missing}")
         ids = obj[fmt.blocks_field]
-        if not isinstance(ids, list) or not all(_is_int(b) and 0 <= b < 2**63 for b in ids):
-            raise _fail(source, line, f"{fmt.blocks_field!r} must be a list of non-negative ints")
+        if not isinstance(ids, list):
+            raise _fail(source, line, f"{fmt.blocks_field!r} must be a list of non-negative ints, got {validate.show(ids)}")
+        bad = [b for b in ids if not (_is_int(b) and 0 <= b < 2**63)]
+        if bad:
+            raise _fail(source, line, f"{fmt.blocks_field!r} must be a list of non-negative ints < 2**63, got {validate.show(bad[0])}")
         if len(set(ids)) != len(ids):
             raise _fail(source, line, f"{fmt.blocks_field!r} repeats a block id")
         n = len(ids)
@@ -195,8 +207,8 @@ def _parse_records(objects, fmt: _Format, source: str, block_tokens: int, line_n
         if not _is_number(ts) or not np.isfinite(ts):
             raise _fail(source, line, f"timestamp must be a finite number, got {ts!r}")
         for name, v in (("input_length", inp), ("output_length", out)):
-            if not _is_int(v) or v < 0:
-                raise _fail(source, line, f"{name} must be a non-negative int, got {v!r}")
+            if not _is_int(v) or not 0 <= v < 2**63:
+                raise _fail(source, line, f"{name} must be a non-negative int < 2**63, got {validate.show(v)}")
         if -(-inp // block_tokens) != n:
             raise _fail(
                 source, line,
@@ -260,9 +272,11 @@ def _build(rec: _Records) -> Trace:
 
 def _read_lines(path: str | os.PathLike, limit: int | None):
     """(line number, parsed object) for the non-blank lines of ``path``, at most ``limit``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"a trace path must be a string or path, got {validate.show(path)}")
     source = os.fspath(path)
-    if limit is not None and (not _is_int(limit) or limit < 0):
-        raise ConfigError(f"limit must be a non-negative int or None, got {limit!r}")
+    if limit is not None:
+        limit = validate.integer(limit, "limit (None for all requests)", lo=0)
     try:
         f = open(source, "rb")
     except OSError as e:
@@ -304,8 +318,7 @@ DEFAULT_BLOCK_TOKENS: dict[str, int] = {"mooncake": 512, "jsonl": 16}
 def load_trace(path: str | os.PathLike, format: str = "mooncake", *, block_tokens: int | None = None,
                limit: int | None = None) -> Trace:
     """Load ``path`` in a named format (:data:`TRACE_FORMATS`); ``block_tokens`` defaults per format."""
-    try:
-        loader = TRACE_FORMATS[format]
-    except KeyError:
-        raise ConfigError(f"unknown trace format {format!r}; known: {sorted(TRACE_FORMATS)}") from None
+    loader = TRACE_FORMATS.get(format) if isinstance(format, str) else None
+    if loader is None:
+        raise ConfigError(f"unknown trace format {validate.show(format)}; known: {sorted(TRACE_FORMATS)}")
     return loader(path, block_tokens=DEFAULT_BLOCK_TOKENS[format] if block_tokens is None else block_tokens, limit=limit)

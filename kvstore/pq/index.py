@@ -39,6 +39,7 @@ import math
 
 import torch
 
+from kvstore import validate
 from kvstore.errors import ConfigError, IndexStateError, NonFiniteError, OutOfRangeError, ShapeError
 from kvstore.pq.adc import adc_scores, lookup_tables
 from kvstore.pq.search_cuda import adc_topk  # fused CUDA kernel when enabled, the torch reference otherwise
@@ -49,10 +50,9 @@ __all__ = ["PQIndex"]
 _MIN_CAPACITY = 256
 
 
-def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
-        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ConfigError(f"PQIndex: {name} must be an int {bound}, got {value!r}")
+def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in ``[lo, hi]`` (inclusive), else ConfigError naming it."""
+    return validate.integer(value, f"PQIndex: {name}", lo=lo, hi=None if hi is None else hi + 1)
 
 
 class PQIndex:
@@ -71,15 +71,14 @@ class PQIndex:
         self, head_dim: int, num_subspaces: int = 4, bits: int = 8, *, kmeans: KMeansConfig | None = None,
         outlier_fraction: float = 0.01,
     ) -> None:
-        _check_int("head_dim", head_dim, 1)
-        _check_int("num_subspaces", num_subspaces, 1)
-        _check_int("bits", bits, 4, 8)
+        head_dim = _check_int("head_dim", head_dim, 1)
+        num_subspaces = _check_int("num_subspaces", num_subspaces, 1)
+        bits = _check_int("bits", bits, 4, 8)
         if head_dim % num_subspaces:
             raise ConfigError(f"PQIndex: head_dim={head_dim} is not a multiple of num_subspaces={num_subspaces}")
         if kmeans is not None and not isinstance(kmeans, KMeansConfig):
             raise ConfigError(f"PQIndex: kmeans must be a KMeansConfig, got {type(kmeans).__name__}")
-        if isinstance(outlier_fraction, bool) or not isinstance(outlier_fraction, (int, float)) or not 0.0 <= outlier_fraction < 1.0:
-            raise ConfigError(f"PQIndex: outlier_fraction must be a number in [0, 1), got {outlier_fraction!r}")
+        outlier_fraction = validate.number(outlier_fraction, "PQIndex: outlier_fraction", lo=0.0, hi=1.0, hi_open=True)
         self.head_dim = head_dim
         self.num_subspaces = num_subspaces
         self.bits = bits
@@ -343,10 +342,9 @@ class PQIndex:
         Returns:
             ``[H, Q, k]`` int64 token positions, by decreasing approximate score.
         """
-        tables = self.lookup_tables(queries)
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.ntotal:
-            raise OutOfRangeError(f"PQIndex.search: k={k!r} must be in [1, ntotal={self.ntotal}]")
-        return adc_topk(self.codes, tables, k)
+        self._require_trained("search")
+        k = validate.integer(k, f"PQIndex.search: k (at most ntotal={self.ntotal})", lo=1, hi=self.ntotal + 1, error=OutOfRangeError)
+        return adc_topk(self.codes, self.lookup_tables(queries), k)
 
     def reset(self) -> None:
         """Drop every added code (and outlier); keep the codebooks (FAISS semantics)."""

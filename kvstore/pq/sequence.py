@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from kvstore import validate
 from kvstore.errors import ConfigError, NonFiniteError, OutOfRangeError, ShapeError
 from kvstore.pq.index import PQIndex
 from kvstore.pq.kmeans import KMeansConfig
@@ -153,13 +154,12 @@ class PQSequenceIndex:
         self._since_train = [0] * L
         self._ema: list[torch.Tensor | None] = [None] * L  # [Hkv] moving-average relative error of new keys
 
-    def _check_layer(self, op: str, layer: int) -> None:
-        if not isinstance(layer, int) or not 0 <= layer < self.spec.num_layers:
-            raise OutOfRangeError(f"PQSequenceIndex.{op}: layer {layer!r} not in [0, {self.spec.num_layers})")
+    def _check_layer(self, op: str, layer: int) -> int:
+        return validate.integer(layer, f"PQSequenceIndex.{op}: layer", lo=0, hi=self.spec.num_layers, error=OutOfRangeError)
 
     def add(self, layer: int, keys: torch.Tensor) -> None:
         """Encode and append ``keys: [Hkv, n, D]`` of ``layer``; train or re-train when due."""
-        self._check_layer("add", layer)
+        layer = self._check_layer("add", layer)
         Hkv, D = self.spec.num_kv_heads, self.spec.head_dim
         if not isinstance(keys, torch.Tensor) or keys.dim() != 3 or keys.shape[0] != Hkv or keys.shape[2] != D:
             shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
@@ -209,7 +209,7 @@ class PQSequenceIndex:
 
     def drift_ratio(self, layer: int) -> torch.Tensor | None:
         """``[Hkv]`` moving-average error of new keys / training error (None before any new key)."""
-        self._check_layer("drift_ratio", layer)
+        layer = self._check_layer("drift_ratio", layer)
         ema, train_error = self._ema[layer], self.indexes[layer].train_error
         return None if ema is None or train_error is None else ema / train_error
 
@@ -221,16 +221,28 @@ class PQSequenceIndex:
 def select_batch(seqs: Sequence[PQSequenceIndex], layer: int, queries: Sequence[torch.Tensor] | torch.Tensor, budgets: Sequence[Budget]) -> list[Selection]:
     """Selections of ``layer`` for several sequences (``queries: [B, Hq, D]``), scored in one batch.
 
-    Sequences not trained yet get ``window_selection``.
+    Sequences not trained yet get ``window_selection``. Every input is checked first, trained
+    or not: the layer, each query's shape (exactly ``[spec.num_q_heads, spec.head_dim]``,
+    floating point, all on one device) and each budget (an integer >= 1 or a fraction in (0, 1]).
     """
+    if not isinstance(queries, (torch.Tensor, list, tuple)) or not isinstance(budgets, (list, tuple)):
+        raise ShapeError(f"select_batch: queries must be a tensor or a list of tensors and budgets a list, got "
+                         f"{validate.show(queries)} and {validate.show(budgets)}")
     if len(queries) != len(seqs) or len(budgets) != len(seqs):
         raise ShapeError(f"select_batch: {len(seqs)} sequences, {len(queries)} queries, {len(budgets)} budgets")
+    budgets = [_budget(b) for b in budgets]
+    devices = set()
+    for i, seq in enumerate(seqs):
+        layer = seq._check_layer("select", layer)
+        _check_query(seq.spec, queries[i], i)
+        devices.add(queries[i].device)
+    if len(devices) > 1:
+        raise ShapeError(f"select_batch: queries on several devices {sorted(map(str, devices))}")
     if seqs and isinstance(queries, torch.Tensor):
         seqs[0].checks.add((~torch.isfinite(queries)).sum(), partial(_nonfinite, f"select: layer {layer} queries"))
     out: list[Selection | None] = [None] * len(seqs)
     trained = []
     for i, seq in enumerate(seqs):
-        seq._check_layer("select", layer)
         if seq.indexes[layer].is_trained:
             trained.append(i)
         else:
@@ -249,6 +261,24 @@ def select_batch(seqs: Sequence[PQSequenceIndex], layer: int, queries: Sequence[
         for i, sel in zip(trained, picked):
             out[i] = sel
     return out  # type: ignore[return-value]
+
+
+def _check_query(spec: KVSpec, q: object, i: int) -> None:
+    """``q`` is one sequence's decode query ``[Hq, D]`` of ``spec`` (Hq exactly, not a multiple)."""
+    want = (spec.num_q_heads, spec.head_dim)
+    if not isinstance(q, torch.Tensor) or tuple(q.shape) != want:
+        got = tuple(q.shape) if isinstance(q, torch.Tensor) else validate.show(q)
+        raise ShapeError(f"select: queries[{i}] must be a tensor {list(want)} (Hq = {spec.group_size} x {spec.num_kv_heads} KV heads, D), got {got}")
+    if not q.is_floating_point():
+        raise ShapeError(f"select: queries[{i}] must be floating point, got {q.dtype}")
+
+
+def _budget(budget: object) -> Budget:
+    """A budget as resolve_budget takes it: an int >= 1 (numpy integers too) or a float in (0, 1]."""
+    what = "select: budget (an integer >= 1 or a fraction in (0, 1])"
+    if validate.is_integer(budget):
+        return validate.integer(budget, what, lo=1)
+    return validate.number(budget, what, lo=0.0, hi=1.0, lo_open=True)
 
 
 def _nonfinite(what: str, count) -> None:
