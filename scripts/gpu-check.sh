@@ -15,7 +15,7 @@ OUT=${OUT:-/tmp/kvstore-gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 # the CUDA paths are off by default; "auto" picks the kernels for CUDA tensors when cupy imports
-export KVSTORE_ATTN_BACKEND=auto KVSTORE_PQ_BACKEND=auto KVSTORE_H2D_PATH=auto
+export KVSTORE_ATTN_BACKEND=auto KVSTORE_PQ_BACKEND=auto KVSTORE_H2D_PATH=auto KVSTORE_ROWS_BACKEND=auto
 summary="$OUT/summary.txt"
 
 step() {  # step NAME SECONDS LOG COMMAND...: run with a time limit, append its status to the summary
@@ -41,10 +41,14 @@ fi
 # 1. every test that touches CUDA (kernels against their torch references), plus the CPU tests of
 #    the same modules
 step tests 180 "$OUT/tests.log" python -m pytest -q -p no:cacheprovider \
-    tests/attn tests/pq tests/test_transfer_cuda.py tests/test_store.py tests/test_store_pq.py
+    tests/attn tests/pq tests/test_transfer_cuda.py tests/test_transfer_order.py tests/test_store.py tests/test_store_pq.py \
+    tests/test_rowcache.py tests/test_syncs.py
 # 2. the benchmarks of issues 5, 6 and 8 (and the block store's GPU copy comparison)
 #    (the limits add up to 540 s, under the device tool's 600 s per call)
-step bench_long 150 "$OUT/bench.log" python -m kvstore.cli bench --device cuda --json "$OUT/long_context.json"
+#    long-context: llama3-8b's 32 layers through the UVA row gather and the row cache; its
+#    "h2d / selected" and "syncs / layer" columns are issue 14's figures
+step bench_long 150 "$OUT/bench.log" python -m kvstore.cli bench long-context --device cuda --contexts 32768 --steps 8 \
+    --modes full,pq,pq-codes,exact,lossless --json "$OUT/long_context.json"
 step bench_decode 120 "$OUT/bench.log" python -m kvstore.cli bench decode --device cuda --skip-pqcache-train --json "$OUT/decode.json"
 step bench_attn 60 "$OUT/bench.log" python -m kvstore.cli bench attn --device cuda --json "$OUT/attn.json"
 step bench_store 30 "$OUT/bench.log" python -m kvstore.cli bench store --device cuda --json "$OUT/store.json"
