@@ -461,16 +461,30 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[obje
     if not out.isatty():
         print(f"{title}\n\n{markdown_table(columns, rows)}\n", file=out, flush=True)
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(file=out)
     cells = [[_fmt(v) for v in r] for r in rows]
-    table = Table(title=title)
-    for i, c in enumerate(columns):
-        table.add_column(c, justify="left" if _left(c, [r[i] for r in cells]) else "right", overflow="fold")
-    for r in cells:
-        table.add_row(*r)
-    Console(file=out).print(table)
+    left = [_left(c, [r[i] for r in cells]) for i, c in enumerate(columns)]
+    # Numbers keep their width (min_width); headers wrap at spaces, text columns anywhere. A
+    # boxed table when its narrowest layout fits the terminal, else one without vertical rules;
+    # a terminal too narrow for either gets the markdown table (lines wrap, cells stay whole).
+    # The estimate adds one column of slack each: rich's shrinking rounds to whole characters.
+    words = [max([len(w) for w in c.split()] + [1]) for c in columns]
+    widths = [min(w, 12) if is_left else max([len(r[i]) for r in cells] + [w]) for i, (w, is_left) in enumerate(zip(words, left))]
+    for boxed, per_column in ((True, 4), (False, 3)):
+        if sum(widths) + per_column * len(widths) + 1 > console.width:
+            continue
+        table = Table(title=title) if boxed else Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for c, is_left, width in zip(columns, left, widths):
+            table.add_column(c, justify="left" if is_left else "right", overflow="fold", min_width=None if is_left else width)
+        for r in cells:
+            table.add_row(*r)
+        console.print(table)
+        return
+    print(f"{title}\n\n{markdown_table(columns, rows)}\n", file=out, flush=True)
 
 
 def parse_capacities(values: str | Sequence[int | float], unique_blocks: int, *, allow_zero: bool = False) -> list[int]:
