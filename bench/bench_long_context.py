@@ -41,18 +41,21 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from kvstore.attn import multi_segment_attention
+from kvstore.errors import ConfigError
 from kvstore.pq import PQConfig, metrics
 from kvstore.pq.select import SelectionConfig, resolve_budget, select_exact
 from kvstore.pq.synthetic import SyntheticConfig, SyntheticWorkload
-from kvstore.spec import KVSpec
+from kvstore.spec import PRESETS, KVSpec
 from kvstore.store import KVStore
 from kvstore.syncs import SyncCounter
 
 from .baselines.pqcache_ref import PQCacheRef
-from .common import add_common_args, machine_info, print_table, resolve_device, write_json
+from .common import (
+    Progress, add_common_args, comma_list, fraction_or_count, machine_info, names, nonnegative_int, plot_file, positive_float,
+    positive_int, print_table, resolve_device, write_json,
+)
 
 MODES = ("full", "pq", "pq-codes", "exact", "pqcache-ref", "lossless")
 SELECTING = ("pq", "pq-codes", "exact", "pqcache-ref")
@@ -65,29 +68,43 @@ ROW_CACHE = 1 / 8
 REFINE = 1.25
 
 
+def _refine(text: str) -> float:
+    """A shortlist factor: a finite number >= 1."""
+    value = positive_float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 1, got {text!r}")
+    return value
+
+
+def _row_cache(text: str) -> int | float:
+    """0 (no cache), a fraction of the context in (0, 1] or a slot count >= 1."""
+    return 0 if str(text).strip() == "0" else fraction_or_count(text)
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
-    parser.add_argument("--preset", default=None, help="KVSpec preset (default: tiny on CPU, llama3-8b on CUDA)")
-    parser.add_argument("--layers", type=int, default=None, help="layers kept from the preset (default: all of them)")
-    parser.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default: 8192,32768 on CPU; 32768,131072 on CUDA)")
-    parser.add_argument("--steps", type=int, default=16, help="decode steps per context")
-    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together, one token each per step (each its own workload seed)")
-    parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk size in tokens")
-    parser.add_argument("--budget", type=float, default=1 / 16, help="PQ token budget as a fraction of the context (or tokens if >= 1)")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated modes out of {', '.join(MODES)}")
-    parser.add_argument("--subspaces", type=int, default=4, help="PQ sub-vectors per head (kvstore)")
-    parser.add_argument("--bits", type=int, default=8, help="PQ bits per code (kvstore)")
-    parser.add_argument("--sinks", type=int, default=SelectionConfig.num_sinks, help="sink tokens always kept (pq, pq-codes, exact)")
-    parser.add_argument("--window", type=int, default=SelectionConfig.recent_window, help="recent tokens always kept (pq, pq-codes, exact)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="KVSpec preset (default: tiny on CPU, llama3-8b on CUDA)")
+    parser.add_argument("--layers", type=positive_int, default=None, help="layers of the model (default: the preset's; more than the preset has, e.g. 32 on tiny, scale it up)")
+    parser.add_argument("--contexts", type=comma_list(positive_int), default=None,
+                        help="comma-separated prompt lengths (default: 8192,32768 on CPU; 32768,131072 on CUDA)")
+    parser.add_argument("--steps", type=positive_int, default=16, help="decode steps per context (>= 2: the last one counts syncs, untimed)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together, one token each per step (each its own workload seed)")
+    parser.add_argument("--chunk", type=positive_int, default=4096, help="prefill chunk size in tokens")
+    parser.add_argument("--budget", type=fraction_or_count, default=1 / 16, help="PQ token budget: a fraction of the context (0.0625, 1/16) or a token count (512)")
+    parser.add_argument("--modes", type=names(MODES), default=list(MODES), help=f"comma-separated modes out of {', '.join(MODES)}")
+    parser.add_argument("--subspaces", type=positive_int, default=4, help="PQ sub-vectors per head (kvstore)")
+    parser.add_argument("--bits", type=positive_int, default=8, help="PQ bits per code (kvstore)")
+    parser.add_argument("--sinks", type=nonnegative_int, default=SelectionConfig.num_sinks, help="sink tokens always kept (pq, pq-codes, exact)")
+    parser.add_argument("--window", type=nonnegative_int, default=SelectionConfig.recent_window, help="recent tokens always kept (pq, pq-codes, exact)")
     parser.add_argument(
-        "--refine", type=float, default=REFINE,
+        "--refine", type=_refine, default=REFINE,
         help="shortlist factor of pq's exact re-ranking (1: codes only, as pq-codes; 4 reaches the oracle's recall and moves ~2x more)",
     )
     parser.add_argument(
-        "--row-cache", type=float, default=ROW_CACHE, metavar="F",
-        help="slots per KV head and layer of the selecting modes' device cache of host rows, as a fraction of the context (or rows if >= 1; 0: none)",
+        "--row-cache", type=_row_cache, default=ROW_CACHE, metavar="F",
+        help="slots per KV head and layer of the selecting modes' device cache of host rows: a fraction of the context or a count (0: none)",
     )
-    parser.add_argument("--plot", default=None, metavar="OUT.png", help="plot TPOT and quality against context")
+    parser.add_argument("--plot", type=plot_file, default=None, metavar="OUT.png", help="plot TPOT and quality against context (checked writable before the run)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,16 +227,16 @@ def _select(mode: str, store: KVStore, seqs: list[int], data: list, indexes, lay
     return positions
 
 
-def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: list[str]) -> list[dict]:
+def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: list[str], progress: Progress) -> list[dict]:
     """Every mode over one context; a batch of ``args.batch`` sequences (each its own workload
     seed) shares the store's tiers and is decoded together: each step appends one token to every
     sequence, and kvstore's selection scores the whole batch in one call per layer. The last step
     runs under a SyncCounter (untimed, no quality figures) to count the syncs per layer and step."""
     bs, B = spec.block_size, args.batch
     total_blocks = B * spec.num_blocks(context + args.steps)
-    budget = args.budget if args.budget < 1 else int(args.budget)  # a fraction, or tokens
+    budget = args.budget  # a fraction, or tokens
     budget_tokens = resolve_budget(budget, context)
-    row_cache = resolve_budget(args.row_cache if args.row_cache < 1 else int(args.row_cache), context) if args.row_cache else 0
+    row_cache = resolve_budget(args.row_cache, context) if args.row_cache else 0
     kv_row = 2 * spec.head_dim * spec.dtype.itemsize  # K and V bytes of one token, head and layer
     data = [_workload(spec, context, args.steps, args.seed + b, device) for b in range(B)]
     queries = torch.stack([w.queries for w in data], 2)  # [L, S, B, Hq, D]
@@ -227,6 +244,7 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
     full_out: dict[tuple[int, int, int], torch.Tensor] = {}
     results = []
     for mode in ["full"] + [m for m in modes if m != "full"]:
+        progress.step(f"{mode} at {context} tokens: prefill, {args.steps} decode steps")
         st = ModeStats()
         clock = _Clock(device)
         truth: dict[int, torch.Tensor] = {}
@@ -361,26 +379,16 @@ def main(args) -> int:
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
     preset = args.preset or ("llama3-8b" if on_gpu else "tiny")
-    layers = args.layers or KVSpec.preset(preset).num_layers
-    spec = KVSpec.preset(preset, num_layers=layers)
-    text = args.contexts or ("32768,131072" if on_gpu else "8192,32768")
-    try:
-        contexts = [int(c) for c in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"--contexts: expected comma-separated token counts, got {text!r}") from None
-    for name, value, least in (("--contexts", min(contexts), 1), ("--steps", args.steps, 2), ("--batch", args.batch, 1), ("--chunk", args.chunk, 1)):
-        if value < least:
-            raise SystemExit(f"{name} must be >= {least}, got {value}")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise SystemExit(f"--modes: unknown mode(s) {unknown}; choose from {MODES}")
-    if not modes:
-        raise SystemExit("--modes: no mode given")
+    contexts = args.contexts or ([32768, 131072] if on_gpu else [8192, 32768])
+    spec = KVSpec.preset(preset, num_layers=args.layers or KVSpec.preset(preset).num_layers)
+    if args.steps < 2:
+        raise ConfigError(f"--steps must be >= 2, got {args.steps} (the last step counts syncs and is not timed)")
+    modes = args.modes
     torch.manual_seed(args.seed)
     results: list[dict] = []
-    for context in tqdm(contexts, desc="long-context", unit="ctx"):
-        results.extend(run_context(spec, context, args, device, modes))
+    with Progress("bench long-context", total=len(contexts) * len(set(modes) | {"full"})) as progress:
+        for context in contexts:
+            results.extend(run_context(spec, context, args, device, modes, progress))
     print_table(
         f"kvstore bench long-context — {preset} ({spec.num_layers} layers, {spec.num_q_heads}q/{spec.num_kv_heads}kv heads, "
         f"D={spec.head_dim}), {args.steps} decode steps x batch {args.batch}, {device}",

@@ -57,11 +57,18 @@ def test_a_batch_is_decoded_together_and_matches_its_sequences_alone(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
     (["--steps", "1"], "--steps must be >= 2, got 1"),  # the last step is counted, not timed
-    (["--chunk", "0"], "--chunk must be >= 1, got 0"),
-    (["--contexts", "2048,abc"], "--contexts: expected comma-separated token counts, got '2048,abc'"),
-    (["--modes", "full,sparse"], "unknown mode"),
+    (["--chunk", "0"], "argument --chunk: expected a positive integer, got '0'"),
+    (["--contexts", "2048,abc"], "argument --contexts: expected a positive integer, got 'abc' (in '2048,abc')"),
+    (["--modes", "full,sparse"], "unknown name 'sparse'"),
+    (["--modes", ","], "argument --modes"),
+    (["--budget", "0"], "argument --budget: expected a count >= 1 or a fraction in (0, 1], got '0'"),
+    (["--budget", "1.5"], "got '1.5'"),
+    (["--refine", "0.5"], "argument --refine: expected a finite number >= 1, got '0.5'"),
+    (["--row-cache", "-1"], "argument --row-cache"),
+    (["--sinks", "-2"], "argument --sinks: expected an integer >= 0, got '-2'"),
+    (["--preset", "gpt5"], "argument --preset: invalid choice: 'gpt5'"),
 ])
 def test_bad_arguments_exit_with_a_message_naming_the_value(argv, message, capsys):
     assert cli.main(["bench", "long-context", "--device", "cpu", "--contexts", "2048", *argv]) == 2
