@@ -81,7 +81,7 @@ def _tokens(n, seed):
     return np.random.default_rng(seed).integers(1, 999, n).tolist()
 
 
-def test_scheduler_call_sequence_save_finish_and_hit(base_vllm_config, block_hasher):
+def test_scheduler_call_sequence_save_finish_and_hit(worker_streams, base_vllm_config, block_hasher):
     eng = Engine(base_vllm_config, block_hasher, {"host_blocks": 64, "policy": "lru"})
     prompt = _tokens(60, 1)
     eng.add("a", prompt, max_tokens=8)
@@ -116,7 +116,7 @@ def test_scheduler_call_sequence_save_finish_and_hit(base_vllm_config, block_has
             assert torch.equal(eng.caches[n][gpu_b[i]], saved[b][n]), (i, n)
 
 
-def test_lookup_has_no_side_effects(base_vllm_config, block_hasher):
+def test_lookup_has_no_side_effects(worker_streams, base_vllm_config, block_hasher):
     eng = Engine(base_vllm_config, block_hasher, {"host_blocks": 8, "policy": "lru"})
     eng.add("a", _tokens(40, 3), max_tokens=1)
     eng.run(3)
@@ -133,7 +133,7 @@ def test_lookup_has_no_side_effects(base_vllm_config, block_hasher):
 
 @pytest.mark.parametrize("layout", ["contiguous", "nhd", "block_outer"])
 @pytest.mark.parametrize("host_block", [BLOCK, 2 * BLOCK])
-def test_worker_round_trip_bit_exact_layer_by_layer(base_vllm_config, layout, host_block):
+def test_worker_round_trip_bit_exact_layer_by_layer(worker_streams, base_vllm_config, layout, host_block):
     extra = {"host_blocks": 16, "policy": "lru", "block_size": host_block}
     w = make_worker(base_vllm_config, extra, NUM_BLOCKS)
     caches = make_kv_caches(NUM_BLOCKS, layout, seed=5)
@@ -164,7 +164,7 @@ def test_worker_round_trip_bit_exact_layer_by_layer(base_vllm_config, layout, ho
     assert w.get_block_ids_with_load_errors() == set()
 
 
-def test_host_layout_is_kvstore_block_layout(base_vllm_config):
+def test_host_layout_is_kvstore_block_layout(worker_streams, base_vllm_config):
     w = make_worker(base_vllm_config, {"host_blocks": 4, "policy": "lru"}, NUM_BLOCKS)
     caches = make_kv_caches(NUM_BLOCKS, seed=6)
     w.register_kv_caches(caches)
@@ -175,7 +175,7 @@ def test_host_layout_is_kvstore_block_layout(base_vllm_config):
     assert torch.equal(host[1], page[..., 32:].transpose(0, 1))
 
 
-def test_vanished_host_copy_reports_failed_blocks(base_vllm_config, block_hasher):
+def test_vanished_host_copy_reports_failed_blocks(worker_streams, base_vllm_config, block_hasher):
     eng = Engine(base_vllm_config, block_hasher, {"host_blocks": 16, "policy": "lru"})
     prompt = _tokens(70, 8)
     eng.add("a", prompt, max_tokens=1)
@@ -212,7 +212,7 @@ def test_default_policy_is_asym(base_vllm_config):
     assert isinstance(conn, KVStoreConnector) and conn.scheduler.index.policy.name == "asym"
 
 
-def test_concurrent_saves_and_loads_lose_nothing(base_vllm_config):
+def test_concurrent_saves_and_loads_lose_nothing(worker_streams, base_vllm_config):
     w = make_worker(base_vllm_config, {"host_blocks": 64, "policy": "lru"}, NUM_BLOCKS).worker
     caches = make_kv_caches(NUM_BLOCKS, seed=9)
     w.register(caches, NUM_BLOCKS)
@@ -244,7 +244,7 @@ def test_concurrent_saves_and_loads_lose_nothing(base_vllm_config):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_round_trip(base_vllm_config):
+def test_cuda_round_trip(worker_streams, base_vllm_config):
     w = make_worker(base_vllm_config, {"host_blocks": 8, "policy": "lru"}, NUM_BLOCKS)
     caches = {n: t.cuda() for n, t in make_kv_caches(NUM_BLOCKS, seed=11).items()}
     w.register_kv_caches(caches)

@@ -13,9 +13,12 @@ from kvstore.blocks import BlockPool
 from kvstore.errors import ShapeError
 from kvstore.integrations.vllm.metadata import BlockCopy, KVStoreConnectorMetadata
 from kvstore.spec import KVSpec
+from kvstore.transfer import CopyStream, CudaCopyStream, ImmediateStream, StreamOp
 
-#: a D2H copy landed in pinned memory, waiting for its host scatter: (copy, layer, buffer)
-_Staged = tuple[BlockCopy, int, torch.Tensor]
+
+def copy_stream(device: torch.device) -> CopyStream:
+    """Where the worker's copies run: a CUDA side stream on CUDA, else immediate (tests swap in a late stream)."""
+    return CudaCopyStream(device) if device.type == "cuda" else ImmediateStream()
 
 
 @dataclass
@@ -63,15 +66,13 @@ class HostTierWorker:
         self.failed_blocks: set[int] = set()
         self._lock = threading.RLock()
         self.device: torch.device | None = None
-        self.stream: torch.cuda.Stream | None = None
+        self.stream: CopyStream = ImmediateStream()
         # per-step state
         self._loads: BlockCopy | None = None
         self._loaded: list[bool] = []
-        self._load_events: list[torch.cuda.Event | None] = []
-        self._pending_saves: list[tuple[torch.cuda.Event, list[_Staged]]] = []
-        self._finished: dict[str, torch.cuda.Event | None] = {}
-        self._finished_staged: dict[str, list[_Staged]] = {}
-        self._staged: list[list[_Staged]] = []  # D2H copies in flight, scattered by _unstage
+        self._load_events: list = []
+        self._pending_saves: list = []  # events of this step's layer saves
+        self._finished: dict[str, object | None] = {}  # request -> event of its finished-request save
 
     # ------------------------------------------------------------------ registration
     def register(self, kv_caches: Mapping[str, torch.Tensor], num_gpu_blocks: int) -> None:
@@ -98,8 +99,7 @@ class HostTierWorker:
         self.layers = layers
         self._index = {ly.name: i for i, ly in enumerate(layers)}
         self.device = layers[0].cache.device
-        if self.device.type == "cuda":
-            self.stream = torch.cuda.Stream(self.device)
+        self.stream = copy_stream(self.device)
 
     # ------------------------------------------------------------------ element maps
     def _host_view(self, layer: int) -> torch.Tensor:
@@ -125,29 +125,25 @@ class HostTierWorker:
                 self._spill(meta.spills)
                 self._fetch(meta.fetches)
             for req_id, copy in meta.finished_saves.items():
-                event = self._finished[req_id] = self._save_layers(copy, range(len(self.layers)))
-                if event is not None:
-                    self._finished_staged[req_id] = self._staged.pop()
+                self._finished[req_id] = self._save_layers(copy, range(len(self.layers)))
             loads = BlockCopy.concat(list(meta.loads.values()))
-            self._loads = loads if len(loads) else None
+            self._loads = self._verified(loads) if len(loads) else None
             self._loaded = [False] * len(self.layers)
             self._load_events = [None] * len(self.layers)
-            if self._loads is not None:
-                self._loads = self._verified(self._loads)
-            if self._loads is not None and self.stream is not None:
+            if self._loads is not None and self.stream.asynchronous:
                 for layer in range(len(self.layers)):
                     self._load_events[layer] = self._load_layer(self._loads, layer)
 
     def wait_layer(self, name: str) -> None:
-        """Make layer ``name``'s loads visible to the compute stream (CPU: run them now)."""
+        """Make layer ``name``'s loads visible to the compute stream (immediate copies: run them now)."""
         i = self._index.get(name)
         if i is None or self._loads is None or self._loaded[i]:
             return
         with self._lock:
-            if self.stream is None:
+            if not self.stream.asynchronous:
                 self._load_layer(self._loads, i)
-            else:
-                torch.cuda.current_stream(self.device).wait_event(self._load_events[i])
+            elif self._load_events[i] is not None:
+                self._load_events[i].wait()
             self._loaded[i] = True
 
     def save_layer(self, name: str, saves: BlockCopy) -> None:
@@ -158,7 +154,7 @@ class HostTierWorker:
         with self._lock:
             event = self._save_layers(saves, (i,))
             if event is not None:
-                self._pending_saves.append((event, self._staged.pop()))
+                self._pending_saves.append(event)
 
     def finish_step(self) -> None:
         """Complete this step's saves and any loads no layer waited for."""
@@ -168,9 +164,8 @@ class HostTierWorker:
                     if not done:
                         self.wait_layer(self.layers[i].name)
                 self._loads = None
-            for event, staged in self._pending_saves:
+            for event in self._pending_saves:
                 event.synchronize()
-                self._unstage(staged)
             self._pending_saves.clear()
 
     def finished_sending(self) -> set[str]:
@@ -178,10 +173,7 @@ class HostTierWorker:
         with self._lock:
             done = {r for r, ev in self._finished.items() if ev is None or ev.query()}
             for r in done:
-                ev = self._finished.pop(r)
-                if ev is not None:
-                    ev.synchronize()
-                    self._unstage(self._finished_staged.pop(r, []))
+                del self._finished[r]
             return done
 
     def take_failed_blocks(self) -> set[int]:
@@ -201,7 +193,6 @@ class HostTierWorker:
             event = self._save_layers(copy, range(len(self.layers)))
             if event is not None:
                 event.synchronize()
-                self._unstage(self._staged.pop())
 
     def load_blocks(self, copy: BlockCopy) -> set[int]:
         """Copy host slots into GPU blocks, all layers, and wait; returns the GPU blocks that failed."""
@@ -222,11 +213,8 @@ class HostTierWorker:
 
     # ------------------------------------------------------------------ internals
     def _sync(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
-            for event, staged in self._pending_saves:
-                self._unstage(staged)
-            self._pending_saves.clear()
+        self.stream.synchronize()
+        self._pending_saves.clear()
 
     def _spill(self, spills: Sequence[tuple[int, bytes]]) -> None:
         if self.cold is None:
@@ -255,47 +243,41 @@ class HostTierWorker:
         idx = np.flatnonzero(keep)
         return BlockCopy(copy.slots[idx], copy.subs[idx], copy.gpu_blocks[idx], [keys[i] for i in idx.tolist()])
 
-    def _load_layer(self, copy: BlockCopy, layer: int) -> torch.cuda.Event | None:
+    def _load_layer(self, copy: BlockCopy, layer: int):
+        """Submit the copy of ``layer`` of ``copy``'s host slots into its GPU blocks; returns its event."""
         host = self._host_view(layer)
         slots, subs = torch.from_numpy(copy.slots), torch.from_numpy(copy.subs)
+        gpu = torch.from_numpy(copy.gpu_blocks).to(self.device)
         src = host[slots, :, subs]  # [n, 2, r, Nk, H, D], CPU gather
-        if self.stream is None:
-            self._scatter_gpu(layer, torch.from_numpy(copy.gpu_blocks).to(self.device), src)
-            return None
-        staged = src.pin_memory() if self.pool.is_pinned else src
-        with torch.cuda.stream(self.stream):
-            moved = staged.to(self.device, non_blocking=True)
-            self._scatter_gpu(layer, torch.from_numpy(copy.gpu_blocks).to(self.device, non_blocking=True), moved)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return event
+        cache = self.layers[layer].cache
+        return self.stream.submit(StreamOp(
+            read=lambda: src.to(self.device, non_blocking=True),
+            write=lambda rows: self._scatter_gpu(layer, gpu, rows),
+            poison=lambda: cache.index_fill_(0, gpu, float("nan")),
+            host_dst=False,
+        ))
 
-    def _save_layers(self, copy: BlockCopy, layers: Iterable[int]) -> torch.cuda.Event | None:
-        """Copy ``layers`` of ``copy``'s GPU blocks to their slots. CPU: done on return. CUDA:
-        D2H into pinned staging on the side stream; the host scatter runs at :meth:`_unstage`
-        (the staged pieces are pushed on ``self._staged``)."""
+    def _save_layers(self, copy: BlockCopy, layers: Iterable[int]):
+        """Submit the copy of ``layers`` of ``copy``'s GPU blocks into their slots, after the
+        compute stream's work so far; returns its event (None: done on return)."""
         for s, k in zip(copy.slots.tolist(), copy.keys):
             self.slot_key[s] = k
+        layers = list(layers)
         slots, subs = torch.from_numpy(copy.slots), torch.from_numpy(copy.subs)
-        if self.stream is None:
-            gpu = torch.from_numpy(copy.gpu_blocks)
-            for layer in layers:
-                self._host_view(layer)[slots, :, subs] = self._gather_gpu(layer, gpu)
-            return None
-        staged: list[_Staged] = []
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            gpu = torch.from_numpy(copy.gpu_blocks).to(self.device, non_blocking=True)
-            for layer in layers:
-                packed = self._gather_gpu(layer, gpu).contiguous()
-                buf = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-                buf.copy_(packed, non_blocking=True)
-                staged.append((copy, layer, buf))
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self._staged.append(staged)
-        return event
+        gpu = torch.from_numpy(copy.gpu_blocks).to(self.device)
 
-    def _unstage(self, staged: list[_Staged]) -> None:
-        for copy, layer, buf in staged:
-            self._host_view(layer)[torch.from_numpy(copy.slots), :, torch.from_numpy(copy.subs)] = buf
+        def write(parts: list[torch.Tensor]) -> None:
+            for layer, part in zip(layers, parts):
+                self._host_view(layer)[slots, :, subs] = part.to("cpu")
+
+        def poison() -> None:
+            for layer in layers:
+                self._host_view(layer)[slots, :, subs] = float("nan")
+
+        self.stream.wait_host_work()
+        return self.stream.submit(StreamOp(
+            read=lambda: [self._gather_gpu(layer, gpu) for layer in layers],
+            write=write,
+            poison=poison,
+            host_dst=True,
+        ))
