@@ -595,3 +595,27 @@ def test_scheduler_side_lru_hits_equal_the_replay_simulators(capacity):
     leaves = import_bench("bench_connector").trace_hits(trace, "lru", capacity, leaves_only=True)
     sim_leaves = replay(trace, "lru", ReplayConfig(capacity_blocks=capacity, leaves_only=True))
     assert 0 < leaves["prefix_hit_ratio"] == sim_leaves.prefix_hit_ratio < 1 and leaves["prefill_tflops"] > 0
+
+
+def test_a_load_of_a_slot_whose_finished_save_is_in_flight_reads_the_saved_bytes(worker_streams, base_vllm_config):
+    """The scheduler publishes a finished request's blocks when it plans their save, so the next
+    step may load them while the save is still in flight: the load reads after the save landed
+    (stream order), and get_finished reports the request once it has."""
+    w = make_worker(base_vllm_config, {"host_blocks": 8, "policy": "lru"}, NUM_BLOCKS)
+    caches = make_kv_caches(NUM_BLOCKS, seed=11)
+    w.register_kv_caches(caches)
+    original = {n: caches[n][[3, 8]].clone() for n in LAYERS}
+    w.bind_connector_metadata(KVStoreConnectorMetadata(finished_saves={"a": BlockCopy.build([4, 6], [b"p", b"q"], [3, 8], 0, 1)}))
+    w.start_load_kv(None)
+    w.wait_for_save()
+    first, _ = w.get_finished(set())
+    w.clear_connector_metadata()
+    w.bind_connector_metadata(KVStoreConnectorMetadata(loads={"b": BlockCopy.build([4, 6], [b"p", b"q"], [40, 41], 0, 1)}))
+    w.start_load_kv(None)
+    for n in LAYERS:
+        w.wait_for_layer_load(n)
+        assert torch.equal(caches[n][[40, 41]], original[n]), n
+    w.wait_for_save()
+    second, _ = w.get_finished(set())
+    assert (first or set()) | (second or set()) == {"a"}
+    assert w.get_block_ids_with_load_errors() == set()

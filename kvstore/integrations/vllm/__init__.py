@@ -21,10 +21,16 @@ The connector runs as two objects in two processes, as vLLM requires:
   slots, (3) starts whole-block saves of finished requests (reported through
   ``get_finished``), (4) loads hits into vLLM's GPU blocks layer by layer (``wait_for_layer_load``
   waits for one layer), and saves newly computed prompt blocks layer by layer as each layer's
-  forward finishes (``save_kv_layer``; ``wait_for_save`` completes them). On CUDA the copies
-  run on one side stream with an event per layer; on CPU they run synchronously, a layer's
-  load inside its ``wait_for_layer_load``. One stream orders every copy after the ones of
-  earlier steps, which is what makes reusing a slot in a later step safe.
+  forward finishes (``save_kv_layer``; ``wait_for_save`` completes them). Copies are
+  :class:`~kvstore.transfer.StreamOp` s on one :class:`~kvstore.transfer.CopyStream` (a CUDA
+  side stream; on CPU immediate, a layer's load inside its ``wait_for_layer_load``), each
+  submitted after the compute stream's work so far. A load reads its host slots in stream
+  order, so after every earlier save into them landed, though the scheduler publishes a slot
+  when it plans the save; ``wait_for_save`` blocks until the step's saves (layer and
+  finished-request) landed, so ``get_finished`` reports a request only once its slots hold its
+  bytes, and spills and cold fetches, which touch the pool from the CPU, first synchronise the
+  stream. One stream orders every copy after the ones of earlier steps, which is what makes
+  reusing a slot in a later step safe.
 
 Layout. In vLLM 0.32 every attention layer's cache is a ``[num_blocks, H, N, C]`` view
 (logical order; any physical stride order, padding or kernel-block split) with K and V packed

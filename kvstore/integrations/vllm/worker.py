@@ -157,19 +157,22 @@ class HostTierWorker:
                 self._pending_saves.append(event)
 
     def finish_step(self) -> None:
-        """Complete this step's saves and any loads no layer waited for."""
+        """Complete this step's saves (layer saves and finished-request saves: the host blocks until
+        they landed, so a slot is reported saved only once it holds its bytes) and any loads no
+        layer waited for."""
         with self._lock:
             if self._loads is not None:
                 for i, done in enumerate(self._loaded):
                     if not done:
                         self.wait_layer(self.layers[i].name)
                 self._loads = None
-            for event in self._pending_saves:
-                event.synchronize()
+            for event in [*self._pending_saves, *self._finished.values()]:
+                if event is not None:
+                    event.synchronize()
             self._pending_saves.clear()
 
     def finished_sending(self) -> set[str]:
-        """Requests whose finished-request save is complete."""
+        """Requests whose finished-request save has landed (all of them after :meth:`finish_step`)."""
         with self._lock:
             done = {r for r, ev in self._finished.items() if ev is None or ev.query()}
             for r in done:
@@ -248,10 +251,10 @@ class HostTierWorker:
         host = self._host_view(layer)
         slots, subs = torch.from_numpy(copy.slots), torch.from_numpy(copy.subs)
         gpu = torch.from_numpy(copy.gpu_blocks).to(self.device)
-        src = host[slots, :, subs]  # [n, 2, r, Nk, H, D], CPU gather
         cache = self.layers[layer].cache
-        return self.stream.submit(StreamOp(
-            read=lambda: src.to(self.device, non_blocking=True),
+        self.stream.wait_host_work()  # vLLM's compute stream may still use the destination blocks
+        return self.stream.submit(StreamOp(  # the gather runs in stream order: after earlier saves landed
+            read=lambda: host[slots, :, subs].to(self.device, non_blocking=True),
             write=lambda rows: self._scatter_gpu(layer, gpu, rows),
             poison=lambda: cache.index_fill_(0, gpu, float("nan")),
             host_dst=False,
