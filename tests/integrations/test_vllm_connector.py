@@ -619,3 +619,28 @@ def test_a_load_of_a_slot_whose_finished_save_is_in_flight_reads_the_saved_bytes
     second, _ = w.get_finished(set())
     assert (first or set()) | (second or set()) == {"a"}
     assert w.get_block_ids_with_load_errors() == set()
+
+
+@pytest.mark.parametrize("policy", ["lru", "asym"])
+def test_a_host_tier_smaller_than_a_prompt_keeps_its_head_and_stops_saving(worker_streams, base_vllm_config, block_hasher, policy):
+    """A 1,500-token prompt (93 host blocks, prefilled in 3 chunks) into a 64-block host tier:
+    the tier keeps the prompt's first 64 blocks (its own saved head is never the victim of its
+    tail), saves nothing during decode, and a second prompt sharing the first 1,440 tokens loads
+    those 64 blocks."""
+    host_blocks = 64
+    eng = Engine(base_vllm_config, block_hasher, {"host_blocks": host_blocks, "policy": policy})
+    prompt = _tokens(1500, 3)
+    eng.add("a", prompt, max_tokens=6)
+    steps = eng.run(12)
+    saves = [len(m.saves) + sum(len(c) for c in m.finished_saves.values()) for _, m, _ in steps]
+    chunks = -(-len(prompt) // base_vllm_config.scheduler_config.max_num_batched_tokens)  # prefill steps
+    assert chunks > 1 and sum(saves) == host_blocks and not any(saves[chunks:]), saves  # saved once, nothing per decode step
+    idx, side = eng.sched.connector.scheduler.index, eng.sched.connector.scheduler
+    keys = side._keys(make_request("x", prompt, block_hasher))
+    assert [k in idx.slot_of for k in keys] == [True] * host_blocks + [False] * (len(keys) - host_blocks)
+
+    assert eng.sched.reset_prefix_cache()
+    eng.add("b", prompt[:1440] + _tokens(60, 4))
+    out, meta, kvo = eng.step()
+    assert out.scheduled_new_reqs[0].num_computed_tokens == host_blocks * BLOCK
+    assert len(meta.loads["b"]) == host_blocks and not kvo.invalid_block_ids

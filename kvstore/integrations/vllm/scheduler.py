@@ -200,6 +200,7 @@ class _ReqState:
     request: Any
     gpu_blocks: list[int] = field(default_factory=list)
     num_saved: int = 0  # leading host blocks known to be in the host tier
+    full: bool = False  # a save of it did not fit: nothing more of it is saved
     lookup_computed: int = 0  # num_computed_tokens given to the last lookup
 
 
@@ -283,9 +284,11 @@ class _SchedulerSide:
         resident ones as hits; ``(st, indices of the others, the request's keys, n_full)`` (or None)."""
         keys = self._keys(st.request)
         n_full = min(upto_tokens // self.spec.block_size, len(keys), len(st.gpu_blocks) // self.per_host)
-        if n_full <= st.num_saved:
+        if st.full or n_full <= st.num_saved:
             return None
         get = self.index.slot_of.get
+        head = [s for s in map(get, keys[: st.num_saved]) if s is not None]
+        self.index.pinned[head] = True  # its saved prefix: the continuation extends it, so not its victim
         found = [get(k) for k in keys[st.num_saved : n_full]]
         new = [st.num_saved + j for j, s in enumerate(found) if s is None]
         if len(new) < len(found):
@@ -298,7 +301,10 @@ class _SchedulerSide:
         """One insert for the new host blocks of ``unsaved`` (from :meth:`_unsaved`, in request
         order) and their copies (or None). A key two requests both lack (a shared prefix block
         not in the tier) is saved once, from the first. When the tier cannot take them all, the
-        blocks first in line get slots and each request retries from its first unsaved block."""
+        blocks first in line get slots; a request that got fewer than it asked for is saved no
+        further (:meth:`_unsaved` pinned its saved prefix, so what it lacks could only come from
+        evicting other requests' blocks in every later step: a tier smaller than a prompt keeps
+        the prompt's head, which a lookup can reach, instead of thrashing through its tail)."""
         self._flush_touches()
         bs, k = self.spec.block_size, self.per_host
         first: dict[bytes, int] = {}  # key -> its index in keys
@@ -323,6 +329,7 @@ class _SchedulerSide:
         for (st, new, _, n_full), r in zip(unsaved, refs):
             miss = next((t for t, j in enumerate(r) if j >= fit), None)
             st.num_saved = n_full if miss is None else new[miss]
+            st.full = miss is not None
         if not fit:
             return None
         # The saved host blocks need not be adjacent, but each brings its k GPU blocks in order.
@@ -348,6 +355,7 @@ class _SchedulerSide:
             if req_id in cached.resumed_req_ids:
                 st.gpu_blocks = list(new_ids[0]) if new_ids is not None else []
                 st.num_saved = 0
+                st.full = False
             elif new_ids is not None:
                 st.gpu_blocks.extend(new_ids[0])
             upto = min(cached.num_computed_tokens[i] + so.num_scheduled_tokens[req_id], st.request.num_prompt_tokens)
