@@ -108,3 +108,16 @@ def make_worker(base, extra: dict, num_blocks: int = 128):
 
     cfg = vllm_config_with(base, extra)
     return KVConnectorFactory.create_connector(cfg, KVConnectorRole.WORKER, kv_cache_config(num_blocks))
+
+
+@pytest.fixture(params=["immediate", "late"])
+def worker_streams(request, monkeypatch):
+    """Run a test twice: with the CPU's immediate copies, and with every connector worker's copies
+    on a tests/late_stream.py LateStream (a copy lands only when waited for; until then its
+    destination is NaN), which turns any copy-ordering bug of the worker into a wrong value."""
+    if request.param == "late":
+        import kvstore.integrations.vllm.worker
+        from late_stream import LateStream
+
+        monkeypatch.setattr(kvstore.integrations.vllm.worker, "copy_stream", lambda device: LateStream())
+    return request.param

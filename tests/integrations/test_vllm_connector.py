@@ -81,7 +81,7 @@ def _tokens(n, seed):
     return np.random.default_rng(seed).integers(1, 999, n).tolist()
 
 
-def test_scheduler_call_sequence_save_finish_and_hit(base_vllm_config, block_hasher):
+def test_scheduler_call_sequence_save_finish_and_hit(worker_streams, base_vllm_config, block_hasher):
     eng = Engine(base_vllm_config, block_hasher, {"host_blocks": 64, "policy": "lru"})
     prompt = _tokens(60, 1)
     eng.add("a", prompt, max_tokens=8)
@@ -116,7 +116,7 @@ def test_scheduler_call_sequence_save_finish_and_hit(base_vllm_config, block_has
             assert torch.equal(eng.caches[n][gpu_b[i]], saved[b][n]), (i, n)
 
 
-def test_lookup_has_no_side_effects(base_vllm_config, block_hasher):
+def test_lookup_has_no_side_effects(worker_streams, base_vllm_config, block_hasher):
     eng = Engine(base_vllm_config, block_hasher, {"host_blocks": 8, "policy": "lru"})
     eng.add("a", _tokens(40, 3), max_tokens=1)
     eng.run(3)
@@ -133,7 +133,7 @@ def test_lookup_has_no_side_effects(base_vllm_config, block_hasher):
 
 @pytest.mark.parametrize("layout", ["contiguous", "nhd", "block_outer"])
 @pytest.mark.parametrize("host_block", [BLOCK, 2 * BLOCK])
-def test_worker_round_trip_bit_exact_layer_by_layer(base_vllm_config, layout, host_block):
+def test_worker_round_trip_bit_exact_layer_by_layer(worker_streams, base_vllm_config, layout, host_block):
     extra = {"host_blocks": 16, "policy": "lru", "block_size": host_block}
     w = make_worker(base_vllm_config, extra, NUM_BLOCKS)
     caches = make_kv_caches(NUM_BLOCKS, layout, seed=5)
@@ -164,7 +164,7 @@ def test_worker_round_trip_bit_exact_layer_by_layer(base_vllm_config, layout, ho
     assert w.get_block_ids_with_load_errors() == set()
 
 
-def test_host_layout_is_kvstore_block_layout(base_vllm_config):
+def test_host_layout_is_kvstore_block_layout(worker_streams, base_vllm_config):
     w = make_worker(base_vllm_config, {"host_blocks": 4, "policy": "lru"}, NUM_BLOCKS)
     caches = make_kv_caches(NUM_BLOCKS, seed=6)
     w.register_kv_caches(caches)
@@ -175,7 +175,7 @@ def test_host_layout_is_kvstore_block_layout(base_vllm_config):
     assert torch.equal(host[1], page[..., 32:].transpose(0, 1))
 
 
-def test_vanished_host_copy_reports_failed_blocks(base_vllm_config, block_hasher):
+def test_vanished_host_copy_reports_failed_blocks(worker_streams, base_vllm_config, block_hasher):
     eng = Engine(base_vllm_config, block_hasher, {"host_blocks": 16, "policy": "lru"})
     prompt = _tokens(70, 8)
     eng.add("a", prompt, max_tokens=1)
@@ -212,7 +212,7 @@ def test_default_policy_is_asym(base_vllm_config):
     assert isinstance(conn, KVStoreConnector) and conn.scheduler.index.policy.name == "asym"
 
 
-def test_concurrent_saves_and_loads_lose_nothing(base_vllm_config):
+def test_concurrent_saves_and_loads_lose_nothing(worker_streams, base_vllm_config):
     w = make_worker(base_vllm_config, {"host_blocks": 64, "policy": "lru"}, NUM_BLOCKS).worker
     caches = make_kv_caches(NUM_BLOCKS, seed=9)
     w.register(caches, NUM_BLOCKS)
@@ -244,7 +244,7 @@ def test_concurrent_saves_and_loads_lose_nothing(base_vllm_config):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_round_trip(base_vllm_config):
+def test_cuda_round_trip(worker_streams, base_vllm_config):
     w = make_worker(base_vllm_config, {"host_blocks": 8, "policy": "lru"}, NUM_BLOCKS)
     caches = {n: t.cuda() for n, t in make_kv_caches(NUM_BLOCKS, seed=11).items()}
     w.register_kv_caches(caches)
@@ -595,3 +595,52 @@ def test_scheduler_side_lru_hits_equal_the_replay_simulators(capacity):
     leaves = import_bench("bench_connector").trace_hits(trace, "lru", capacity, leaves_only=True)
     sim_leaves = replay(trace, "lru", ReplayConfig(capacity_blocks=capacity, leaves_only=True))
     assert 0 < leaves["prefix_hit_ratio"] == sim_leaves.prefix_hit_ratio < 1 and leaves["prefill_tflops"] > 0
+
+
+def test_a_load_of_a_slot_whose_finished_save_is_in_flight_reads_the_saved_bytes(worker_streams, base_vllm_config):
+    """The scheduler publishes a finished request's blocks when it plans their save, so the next
+    step may load them while the save is still in flight: the load reads after the save landed
+    (stream order), and get_finished reports the request once it has."""
+    w = make_worker(base_vllm_config, {"host_blocks": 8, "policy": "lru"}, NUM_BLOCKS)
+    caches = make_kv_caches(NUM_BLOCKS, seed=11)
+    w.register_kv_caches(caches)
+    original = {n: caches[n][[3, 8]].clone() for n in LAYERS}
+    w.bind_connector_metadata(KVStoreConnectorMetadata(finished_saves={"a": BlockCopy.build([4, 6], [b"p", b"q"], [3, 8], 0, 1)}))
+    w.start_load_kv(None)
+    w.wait_for_save()
+    first, _ = w.get_finished(set())
+    w.clear_connector_metadata()
+    w.bind_connector_metadata(KVStoreConnectorMetadata(loads={"b": BlockCopy.build([4, 6], [b"p", b"q"], [40, 41], 0, 1)}))
+    w.start_load_kv(None)
+    for n in LAYERS:
+        w.wait_for_layer_load(n)
+        assert torch.equal(caches[n][[40, 41]], original[n]), n
+    w.wait_for_save()
+    second, _ = w.get_finished(set())
+    assert (first or set()) | (second or set()) == {"a"}
+    assert w.get_block_ids_with_load_errors() == set()
+
+
+@pytest.mark.parametrize("policy", ["lru", "asym"])
+def test_a_host_tier_smaller_than_a_prompt_keeps_its_head_and_stops_saving(worker_streams, base_vllm_config, block_hasher, policy):
+    """A 1,500-token prompt (93 host blocks, prefilled in 3 chunks) into a 64-block host tier:
+    the tier keeps the prompt's first 64 blocks (its own saved head is never the victim of its
+    tail), saves nothing during decode, and a second prompt sharing the first 1,440 tokens loads
+    those 64 blocks."""
+    host_blocks = 64
+    eng = Engine(base_vllm_config, block_hasher, {"host_blocks": host_blocks, "policy": policy})
+    prompt = _tokens(1500, 3)
+    eng.add("a", prompt, max_tokens=6)
+    steps = eng.run(12)
+    saves = [len(m.saves) + sum(len(c) for c in m.finished_saves.values()) for _, m, _ in steps]
+    chunks = -(-len(prompt) // base_vllm_config.scheduler_config.max_num_batched_tokens)  # prefill steps
+    assert chunks > 1 and sum(saves) == host_blocks and not any(saves[chunks:]), saves  # saved once, nothing per decode step
+    idx, side = eng.sched.connector.scheduler.index, eng.sched.connector.scheduler
+    keys = side._keys(make_request("x", prompt, block_hasher))
+    assert [k in idx.slot_of for k in keys] == [True] * host_blocks + [False] * (len(keys) - host_blocks)
+
+    assert eng.sched.reset_prefix_cache()
+    eng.add("b", prompt[:1440] + _tokens(60, 4))
+    out, meta, kvo = eng.step()
+    assert out.scheduled_new_reqs[0].num_computed_tokens == host_blocks * BLOCK
+    assert len(meta.loads["b"]) == host_blocks and not kvo.invalid_block_ids
