@@ -239,13 +239,34 @@ class PriorityPolicy(EvictionPolicy):
 
 
 class GreedyDual(PriorityPolicy):
-    """Greedy-Dual aging (Young 1994): scores are ``clock + credit`` and removing a block raises
+    """Greedy-Dual aging (Young 1994): scores are ``clock + credit`` and evicting a block raises
     ``clock`` to its score, so a block not read for a while falls below freshly scored ones.
-    Subclasses score with :attr:`clock` plus their credit."""
+    Subclasses score with :attr:`clock` plus their credit.
+
+    Only an eviction ages: the removal of a block this policy named as a victim (``_named``,
+    set by :meth:`victims`, cleared when the block is scored again or leaves). Frees, tier
+    moves and invalidations remove blocks the policy did not choose; raising the clock on
+    those would let one freed hot block push every resident one below fresh single-use blocks.
+    """
+
+    _ARRAYS = {**PriorityPolicy._ARRAYS, "_named": (np.bool_, False)}
 
     def __init__(self, info=None) -> None:
         super().__init__(info)
         self.clock = 0.0
 
+    def _score(self, arr: np.ndarray, hit: bool) -> None:
+        super()._score(arr, hit)
+        if arr.size:
+            self._named[arr] = False
+
+    def victims(self, n: int, protected=None) -> np.ndarray:
+        out = super().victims(n, protected)
+        self._named[out] = True
+        return out
+
     def _removed(self, gone: np.ndarray) -> None:
-        self.clock = max(self.clock, float(self._prio[gone].max()))
+        evicted = gone[self._named[gone]]
+        if evicted.size:
+            self.clock = max(self.clock, float(self._prio[evicted].max()))
+        self._named[gone] = False
