@@ -35,7 +35,7 @@ from typing import Callable, Container, Iterable, TypeVar
 
 import numpy as np
 
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, PolicyError
 
 __all__ = [
     "BlockInfo",
@@ -46,6 +46,8 @@ __all__ = [
     "as_block_array",
     "as_block_list",
     "first_unprotected",
+    "checked_victims",
+    "check_count",
     "leaf_victims",
     "PrefixTree",
     "protected_ids",
@@ -112,6 +114,60 @@ def protected_at(blocks: np.ndarray, protected) -> np.ndarray:
     return np.isin(blocks, as_block_array(protected))
 
 
+def check_count(n, what: str = "victims n") -> int:
+    """``n`` as a Python int: an int or numpy integer >= 0; bools, floats and the rest raise
+    ConfigError naming the value (``victims(2.5)`` is refused the same way by every policy)."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise ConfigError(f"{what} must be a non-negative int, got {n!r} ({type(n).__name__})")
+    if n < 0:
+        raise ConfigError(f"{what} must be a non-negative int, got {int(n)}")
+    return int(n)
+
+
+def checked_victims(policy: "EvictionPolicy", n, protected=None, known=None, available: int | None = None) -> np.ndarray:
+    """``policy.victims(n, protected)``, checked against the protocol; ``[<= n]`` int64.
+
+    Raises PolicyError naming the policy and the bad id when the policy names more than ``n``
+    victims, an id twice, a protected id, or an id the owner does not hold (``known``: a bool
+    mask over block ids, or a callable mapping ``[k]`` int64 ids to ``[k]`` bool; negative ids
+    are always unknown), or too few: fewer than ``min(n, available)``, where ``available`` is the
+    number of unprotected blocks the tier holds (counted from ``known`` when it is a mask and
+    not given; not checked when neither). Costs O(victims) when the policy names ``n``.
+    ``n`` is checked by :func:`check_count` first. Nothing changes when it raises.
+    """
+    n = check_count(n)
+    out = policy.victims(n, protected)
+    name = policy.name or type(policy).__name__
+    if not (isinstance(out, np.ndarray) and out.ndim == 1 and np.issubdtype(out.dtype, np.integer)):
+        raise PolicyError(f"policy {name!r} returned {type(out).__name__} victims, not a 1-D integer array")
+    out = out.astype(np.int64, copy=False)
+    if out.size > n:
+        raise PolicyError(f"policy {name!r} named {out.size} victims for n={n}")
+    if out.size:
+        if out.min() < 0:
+            raise PolicyError(f"policy {name!r} named unknown victim {int(out[out < 0][0])} (negative id)")
+        if out.size > 1:
+            uniq, counts = np.unique(out, return_counts=True)
+            if counts.max() > 1:
+                raise PolicyError(f"policy {name!r} named victim {int(uniq[counts > 1][0])} twice")
+        hit = protected_at(out, protected)
+        if hit.any():
+            raise PolicyError(f"policy {name!r} named protected victim {int(out[hit][0])}")
+        if known is not None:
+            held = known(out) if callable(known) else protected_at(out, known)
+            if not held.all():
+                raise PolicyError(f"policy {name!r} named unknown victim {int(out[~held][0])} (not in its tier)")
+    if out.size < n:
+        if available is None and is_protection_mask(known):
+            free = known.copy()
+            if protected is not None:
+                free &= ~protected_at(np.arange(known.size, dtype=np.int64), protected)
+            available = int(np.count_nonzero(free))
+        if available is not None and out.size < min(n, available):
+            raise PolicyError(f"policy {name!r} named {out.size} victims for n={n} with {available} evictable blocks")
+    return out
+
+
 def leaf_victims(
     policy: "EvictionPolicy", n: int, protected: np.ndarray, parent: np.ndarray, children: np.ndarray,
     take: Callable[[np.ndarray], None] | None = None,
@@ -134,7 +190,7 @@ def leaf_victims(
         protected, children = protected.copy(), children.copy()
     rounds: list[np.ndarray] = []
     while n > 0:
-        got = policy.victims(n, protected | (children > 0))
+        got = checked_victims(policy, n, protected | (children > 0))
         if got.size == 0:
             break
         rounds.append(got)
