@@ -389,6 +389,18 @@ class EvictionPolicy(ABC):
         """Number of resident blocks tracked."""
         raise NotImplementedError
 
+    def bind(self, owner: object) -> None:
+        """Claim this policy for ``owner`` (a store's tier, a replay): a policy tracks one tier,
+        so a second owner raises PolicyError and changes nothing; binding the same owner again
+        is a no-op. Owners call it before the first ``on_insert``."""
+        bound = getattr(self, "_owner", None)  # a user policy may skip EvictionPolicy.__init__
+        if bound is not None and bound is not owner:
+            raise PolicyError(
+                f"policy {self.name or type(self).__name__!r} already tracks a tier of {type(bound).__name__}; "
+                f"give each store or replay its own instance"
+            )
+        self._owner = owner
+
 
 class OfflinePolicy(EvictionPolicy):
     """A policy that needs the future: the replay simulator calls :meth:`prepare` once, before

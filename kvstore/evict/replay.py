@@ -306,7 +306,10 @@ def replay(trace: Trace, policy: str | EvictionPolicy, config: ReplayConfig, *,
         )
     t0 = time.perf_counter()
     info = block_info(trace, config)
+    if isinstance(policy, EvictionPolicy):
+        policy.bind(info)  # this replay's BlockInfo is its owner: a second replay of the instance is refused
     device = make_policy(policy, info, **(policy_kwargs or {}))
+    device.bind(info)
     host = make_policy(config.host_policy, info) if config.host_blocks else None
     if host is not None and host.offline:
         raise ConfigError(f"host_policy={config.host_policy!r} is offline; use an online policy for the host tier")

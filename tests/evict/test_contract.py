@@ -112,3 +112,23 @@ def test_every_builtin_policy_keeps_the_contract(name):
             policy.on_remove(got)
             held[got] = False
         assert len(policy) == int(held.sum())
+
+
+def test_one_policy_instance_serves_one_owner():
+    from kvstore.evict.replay import ReplayConfig, replay
+    from kvstore.evict.trace import load_trace
+
+    trace = load_trace("tests/evict/data/tiny_mooncake.jsonl")
+    policy = make_policy("lru")
+    config = ReplayConfig(capacity_blocks=max(trace.max_request_blocks, 8))
+    first = replay(trace, policy, config)
+    assert first.device_hits > 0
+    with pytest.raises(PolicyError, match="already tracks a tier"):
+        replay(trace, policy, config)
+    owner = object()
+    fresh = make_policy("lru")
+    fresh.bind(owner)
+    fresh.bind(owner)  # the same owner again: fine
+    with pytest.raises(PolicyError, match="give each store or replay its own instance"):
+        fresh.bind(object())
+    assert fresh._owner is owner
