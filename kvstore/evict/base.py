@@ -35,7 +35,7 @@ from typing import Callable, Container, Iterable, TypeVar
 
 import numpy as np
 
-from kvstore.errors import ConfigError, PolicyError
+from kvstore.errors import BlockStateError, ConfigError, OutOfRangeError, PolicyError
 
 __all__ = [
     "BlockInfo",
@@ -47,6 +47,8 @@ __all__ = [
     "as_block_list",
     "first_unprotected",
     "checked_victims",
+    "inserted_ids",
+    "accessed_ids",
     "check_count",
     "leaf_victims",
     "PrefixTree",
@@ -69,6 +71,32 @@ def as_block_list(blocks: Iterable[int] | np.ndarray) -> list[int]:
     if isinstance(blocks, np.ndarray):
         return blocks.tolist() if blocks.ndim == 1 and blocks.dtype == np.int64 else blocks.astype(np.int64).reshape(-1).tolist()
     return as_block_array(blocks).tolist()
+
+
+def inserted_ids(blocks, name: str) -> list[int]:
+    """``blocks`` for ``on_insert``, as a list of Python ints; a negative id raises
+    OutOfRangeError naming it (numpy would wrap it to a valid index). Every built-in policy
+    checks before it changes anything."""
+    ids = as_block_list(blocks)
+    if ids and min(ids) < 0:
+        raise OutOfRangeError(f"{name}: block id {min(ids)} is negative")
+    return ids
+
+
+def accessed_ids(blocks, resident, name: str) -> list[int]:
+    """``blocks`` for ``on_access``, as a list of Python ints, all tracked: ``resident`` is the
+    dict of tracked ids, or a tuple of dicts that together hold them. An id the policy does not
+    track (negative ones included) raises BlockStateError naming it, before anything changes."""
+    ids = as_block_list(blocks)
+    parts = resident if isinstance(resident, tuple) else (resident,)
+    if len(parts) == 1:
+        ok = parts[0].keys() >= set(ids)
+    else:
+        ok = all(any(b in d for d in parts) for b in ids)
+    if not ok:
+        missing = next(b for b in ids if not any(b in d for d in parts))
+        raise BlockStateError(f"{name}: on_access of block {missing}, which this tier does not hold")
+    return ids
 
 
 def is_protection_mask(protected) -> bool:

@@ -42,6 +42,7 @@ from functools import partial
 
 import numpy as np
 
+from kvstore.errors import BlockStateError, OutOfRangeError
 from kvstore.evict.base import EvictionPolicy, is_protection_mask, as_block_array, protected_at, protected_ids
 
 Entry = tuple[float, int, int]
@@ -107,10 +108,20 @@ class PriorityPolicy(EvictionPolicy):
             setattr(self, name, new)
 
     def on_insert(self, blocks) -> None:
-        self._score(as_block_array(blocks), hit=False)
+        arr = as_block_array(blocks)
+        if arr.size and arr.min() < 0:
+            raise OutOfRangeError(f"{self.name}: block id {int(arr.min())} is negative")
+        self._score(arr, hit=False)
 
     def on_access(self, blocks) -> None:
-        self._score(as_block_array(blocks), hit=True)
+        arr = as_block_array(blocks)
+        if arr.size:
+            live = self._live
+            known = (arr >= 0) & (arr < live.size)
+            if not known.all() or not live[arr].all():
+                bad = arr[~known] if not known.all() else arr[~live[arr]]
+                raise BlockStateError(f"{self.name}: on_access of block {int(bad[0])}, which this tier does not hold")
+        self._score(arr, hit=True)
 
     def on_remove(self, blocks) -> None:
         arr = as_block_array(blocks)

@@ -132,3 +132,20 @@ def test_one_policy_instance_serves_one_owner():
     with pytest.raises(PolicyError, match="give each store or replay its own instance"):
         fresh.bind(object())
     assert fresh._owner is owner
+
+
+@pytest.mark.parametrize("name", ONLINE)
+def test_every_policy_refuses_negative_and_unknown_ids_alike(name):
+    """A negative id in on_insert is OutOfRangeError, an id not tracked (negative ones
+    included) in on_access is BlockStateError; both name the id and change nothing."""
+    from kvstore.errors import BlockStateError, OutOfRangeError
+
+    policy = make_policy(name, _info())
+    policy.on_insert([1, 2])
+    with pytest.raises(OutOfRangeError, match="block id -1 is negative"):
+        policy.on_insert([3, -1])
+    for bad in ([-1], [2, 7]):
+        with pytest.raises(BlockStateError, match=f"block {bad[-1]}, which this tier does not hold"):
+            policy.on_access(bad)
+    assert len(policy) == 2
+    assert sorted(checked_victims(policy, 5, known=np.isin(np.arange(16), [1, 2])).tolist()) == [1, 2]
