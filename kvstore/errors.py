@@ -60,3 +60,8 @@ class TraceFormatError(KVStoreError, ValueError):
 
 class KernelError(KVStoreError, RuntimeError):
     """A CUDA kernel could not be compiled, loaded or launched."""
+
+
+class PolicyError(KVStoreError, RuntimeError):
+    """An eviction policy broke its contract (named a duplicate, protected or unknown victim,
+    or too few), or was given to a second owner; the message names the policy and the id."""

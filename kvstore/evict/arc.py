@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from kvstore.evict.base import EvictionPolicy, as_block_list, protected_ids, register_policy
+from kvstore.evict.base import EvictionPolicy, as_block_list, protected_ids, register_policy, accessed_ids, inserted_ids
 
 
 @register_policy("arc")
@@ -35,7 +35,7 @@ class ARC(EvictionPolicy):
 
     def on_insert(self, blocks) -> None:
         t1, t2, b1, b2 = self._t1, self._t2, self._b1, self._b2
-        for b in as_block_list(blocks):
+        for b in inserted_ids(blocks, self.name):
             if b in b1:
                 self._p = min(float(self._c), self._p + max(len(b2) / len(b1), 1.0))
                 del b1[b]
@@ -50,7 +50,7 @@ class ARC(EvictionPolicy):
 
     def on_access(self, blocks) -> None:
         t1, t2 = self._t1, self._t2
-        for b in as_block_list(blocks):
+        for b in accessed_ids(blocks, (t1, t2), self.name):
             if t1.pop(b, 0) is None:  # was in T1: now seen twice
                 t2[b] = None
             else:

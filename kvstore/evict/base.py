@@ -35,7 +35,7 @@ from typing import Callable, Container, Iterable, TypeVar
 
 import numpy as np
 
-from kvstore.errors import ConfigError
+from kvstore.errors import BlockStateError, ConfigError, OutOfRangeError, PolicyError
 
 __all__ = [
     "BlockInfo",
@@ -46,6 +46,10 @@ __all__ = [
     "as_block_array",
     "as_block_list",
     "first_unprotected",
+    "checked_victims",
+    "inserted_ids",
+    "accessed_ids",
+    "check_count",
     "leaf_victims",
     "PrefixTree",
     "protected_ids",
@@ -67,6 +71,32 @@ def as_block_list(blocks: Iterable[int] | np.ndarray) -> list[int]:
     if isinstance(blocks, np.ndarray):
         return blocks.tolist() if blocks.ndim == 1 and blocks.dtype == np.int64 else blocks.astype(np.int64).reshape(-1).tolist()
     return as_block_array(blocks).tolist()
+
+
+def inserted_ids(blocks, name: str) -> list[int]:
+    """``blocks`` for ``on_insert``, as a list of Python ints; a negative id raises
+    OutOfRangeError naming it (numpy would wrap it to a valid index). Every built-in policy
+    checks before it changes anything."""
+    ids = as_block_list(blocks)
+    if ids and min(ids) < 0:
+        raise OutOfRangeError(f"{name}: block id {min(ids)} is negative")
+    return ids
+
+
+def accessed_ids(blocks, resident, name: str) -> list[int]:
+    """``blocks`` for ``on_access``, as a list of Python ints, all tracked: ``resident`` is the
+    dict of tracked ids, or a tuple of dicts that together hold them. An id the policy does not
+    track (negative ones included) raises BlockStateError naming it, before anything changes."""
+    ids = as_block_list(blocks)
+    parts = resident if isinstance(resident, tuple) else (resident,)
+    if len(parts) == 1:
+        ok = parts[0].keys() >= set(ids)
+    else:
+        ok = all(any(b in d for d in parts) for b in ids)
+    if not ok:
+        missing = next(b for b in ids if not any(b in d for d in parts))
+        raise BlockStateError(f"{name}: on_access of block {missing}, which this tier does not hold")
+    return ids
 
 
 def is_protection_mask(protected) -> bool:
@@ -112,6 +142,60 @@ def protected_at(blocks: np.ndarray, protected) -> np.ndarray:
     return np.isin(blocks, as_block_array(protected))
 
 
+def check_count(n, what: str = "victims n") -> int:
+    """``n`` as a Python int: an int or numpy integer >= 0; bools, floats and the rest raise
+    ConfigError naming the value (``victims(2.5)`` is refused the same way by every policy)."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise ConfigError(f"{what} must be a non-negative int, got {n!r} ({type(n).__name__})")
+    if n < 0:
+        raise ConfigError(f"{what} must be a non-negative int, got {int(n)}")
+    return int(n)
+
+
+def checked_victims(policy: "EvictionPolicy", n, protected=None, known=None, available: int | None = None) -> np.ndarray:
+    """``policy.victims(n, protected)``, checked against the protocol; ``[<= n]`` int64.
+
+    Raises PolicyError naming the policy and the bad id when the policy names more than ``n``
+    victims, an id twice, a protected id, or an id the owner does not hold (``known``: a bool
+    mask over block ids, or a callable mapping ``[k]`` int64 ids to ``[k]`` bool; negative ids
+    are always unknown), or too few: fewer than ``min(n, available)``, where ``available`` is the
+    number of unprotected blocks the tier holds (counted from ``known`` when it is a mask and
+    not given; not checked when neither). Costs O(victims) when the policy names ``n``.
+    ``n`` is checked by :func:`check_count` first. Nothing changes when it raises.
+    """
+    n = check_count(n)
+    out = policy.victims(n, protected)
+    name = policy.name or type(policy).__name__
+    if not (isinstance(out, np.ndarray) and out.ndim == 1 and np.issubdtype(out.dtype, np.integer)):
+        raise PolicyError(f"policy {name!r} returned {type(out).__name__} victims, not a 1-D integer array")
+    out = out.astype(np.int64, copy=False)
+    if out.size > n:
+        raise PolicyError(f"policy {name!r} named {out.size} victims for n={n}")
+    if out.size:
+        if out.min() < 0:
+            raise PolicyError(f"policy {name!r} named unknown victim {int(out[out < 0][0])} (negative id)")
+        if out.size > 1:
+            uniq, counts = np.unique(out, return_counts=True)
+            if counts.max() > 1:
+                raise PolicyError(f"policy {name!r} named victim {int(uniq[counts > 1][0])} twice")
+        hit = protected_at(out, protected)
+        if hit.any():
+            raise PolicyError(f"policy {name!r} named protected victim {int(out[hit][0])}")
+        if known is not None:
+            held = known(out) if callable(known) else protected_at(out, known)
+            if not held.all():
+                raise PolicyError(f"policy {name!r} named unknown victim {int(out[~held][0])} (not in its tier)")
+    if out.size < n:
+        if available is None and is_protection_mask(known):
+            free = known.copy()
+            if protected is not None:
+                free &= ~protected_at(np.arange(known.size, dtype=np.int64), protected)
+            available = int(np.count_nonzero(free))
+        if available is not None and out.size < min(n, available):
+            raise PolicyError(f"policy {name!r} named {out.size} victims for n={n} with {available} evictable blocks")
+    return out
+
+
 def leaf_victims(
     policy: "EvictionPolicy", n: int, protected: np.ndarray, parent: np.ndarray, children: np.ndarray,
     take: Callable[[np.ndarray], None] | None = None,
@@ -134,7 +218,7 @@ def leaf_victims(
         protected, children = protected.copy(), children.copy()
     rounds: list[np.ndarray] = []
     while n > 0:
-        got = policy.victims(n, protected | (children > 0))
+        got = checked_victims(policy, n, protected | (children > 0))
         if got.size == 0:
             break
         rounds.append(got)
@@ -332,6 +416,18 @@ class EvictionPolicy(ABC):
     def __len__(self) -> int:
         """Number of resident blocks tracked."""
         raise NotImplementedError
+
+    def bind(self, owner: object) -> None:
+        """Claim this policy for ``owner`` (a store's tier, a replay): a policy tracks one tier,
+        so a second owner raises PolicyError and changes nothing; binding the same owner again
+        is a no-op. Owners call it before the first ``on_insert``."""
+        bound = getattr(self, "_owner", None)  # a user policy may skip EvictionPolicy.__init__
+        if bound is not None and bound is not owner:
+            raise PolicyError(
+                f"policy {self.name or type(self).__name__!r} already tracks a tier of {type(bound).__name__}; "
+                f"give each store or replay its own instance"
+            )
+        self._owner = owner
 
 
 class OfflinePolicy(EvictionPolicy):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvstore.evict.base import register_policy
+from kvstore.evict.base import accessed_ids, register_policy
 from kvstore.evict.lru import LRU
 
 
@@ -12,4 +12,4 @@ class FIFO(LRU):
     without its move-to-back on access."""
 
     def on_access(self, blocks) -> None:
-        return None
+        accessed_ids(blocks, self._order, self.name)  # checked like every policy's, then no change

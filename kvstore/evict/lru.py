@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from kvstore.evict.base import EvictionPolicy, as_block_list, first_unprotected, register_policy
+from kvstore.evict.base import EvictionPolicy, accessed_ids, as_block_list, first_unprotected, inserted_ids, register_policy
 
 
 @register_policy("lru")
@@ -22,11 +22,11 @@ class LRU(EvictionPolicy):
         return len(self._order)
 
     def on_insert(self, blocks) -> None:
-        self._order.update(dict.fromkeys(as_block_list(blocks)))  # new keys go to the back, in order
+        self._order.update(dict.fromkeys(inserted_ids(blocks, self.name)))  # new keys go to the back, in order
 
     def on_access(self, blocks) -> None:
         move = self._order.move_to_end
-        for b in as_block_list(blocks):
+        for b in accessed_ids(blocks, self._order, self.name):
             move(b)
 
     def on_remove(self, blocks) -> None:

@@ -42,6 +42,7 @@ from functools import partial
 
 import numpy as np
 
+from kvstore.errors import BlockStateError, OutOfRangeError
 from kvstore.evict.base import EvictionPolicy, is_protection_mask, as_block_array, protected_at, protected_ids
 
 Entry = tuple[float, int, int]
@@ -107,10 +108,20 @@ class PriorityPolicy(EvictionPolicy):
             setattr(self, name, new)
 
     def on_insert(self, blocks) -> None:
-        self._score(as_block_array(blocks), hit=False)
+        arr = as_block_array(blocks)
+        if arr.size and arr.min() < 0:
+            raise OutOfRangeError(f"{self.name}: block id {int(arr.min())} is negative")
+        self._score(arr, hit=False)
 
     def on_access(self, blocks) -> None:
-        self._score(as_block_array(blocks), hit=True)
+        arr = as_block_array(blocks)
+        if arr.size:
+            live = self._live
+            known = (arr >= 0) & (arr < live.size)
+            if not known.all() or not live[arr].all():
+                bad = arr[~known] if not known.all() else arr[~live[arr]]
+                raise BlockStateError(f"{self.name}: on_access of block {int(bad[0])}, which this tier does not hold")
+        self._score(arr, hit=True)
 
     def on_remove(self, blocks) -> None:
         arr = as_block_array(blocks)
@@ -239,13 +250,34 @@ class PriorityPolicy(EvictionPolicy):
 
 
 class GreedyDual(PriorityPolicy):
-    """Greedy-Dual aging (Young 1994): scores are ``clock + credit`` and removing a block raises
+    """Greedy-Dual aging (Young 1994): scores are ``clock + credit`` and evicting a block raises
     ``clock`` to its score, so a block not read for a while falls below freshly scored ones.
-    Subclasses score with :attr:`clock` plus their credit."""
+    Subclasses score with :attr:`clock` plus their credit.
+
+    Only an eviction ages: the removal of a block this policy named as a victim (``_named``,
+    set by :meth:`victims`, cleared when the block is scored again or leaves). Frees, tier
+    moves and invalidations remove blocks the policy did not choose; raising the clock on
+    those would let one freed hot block push every resident one below fresh single-use blocks.
+    """
+
+    _ARRAYS = {**PriorityPolicy._ARRAYS, "_named": (np.bool_, False)}
 
     def __init__(self, info=None) -> None:
         super().__init__(info)
         self.clock = 0.0
 
+    def _score(self, arr: np.ndarray, hit: bool) -> None:
+        super()._score(arr, hit)
+        if arr.size:
+            self._named[arr] = False
+
+    def victims(self, n: int, protected=None) -> np.ndarray:
+        out = super().victims(n, protected)
+        self._named[out] = True
+        return out
+
     def _removed(self, gone: np.ndarray) -> None:
-        self.clock = max(self.clock, float(self._prio[gone].max()))
+        evicted = gone[self._named[gone]]
+        if evicted.size:
+            self.clock = max(self.clock, float(self._prio[evicted].max()))
+        self._named[gone] = False

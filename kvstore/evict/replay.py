@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvstore.errors import CapacityError, ConfigError
-from kvstore.evict.base import BlockInfo, EvictionPolicy, leaf_victims, make_policy
+from kvstore.evict.base import BlockInfo, EvictionPolicy, checked_victims, leaf_victims, make_policy
 from kvstore.evict.cost import CostModel
 from kvstore.evict.trace import Trace
 from kvstore.spec import KVSpec
@@ -217,11 +217,17 @@ class _Tiers:
         self.parent = parent
         self.children = np.zeros(info.capacity, dtype=np.int64) if parent is not None else None
 
+    def _on_device(self, ids: np.ndarray) -> np.ndarray:
+        return self.tier[ids] == DEVICE
+
+    def _on_host(self, ids: np.ndarray) -> np.ndarray:
+        return self.tier[ids] == HOST
+
     def _device_victims(self, need: int, protected: np.ndarray) -> np.ndarray:
         """``need`` device victims, none of ``protected``; with leaves_only, leaves only, in rounds
         (each round's victims leave the tier before the next round is asked)."""
         if self.parent is None:
-            victims = self.device.victims(need, protected)
+            victims = checked_victims(self.device, need, protected, known=self._on_device)
             self.device.on_remove(victims)
             return victims
         mask = np.zeros(self.children.size, dtype=np.bool_)
@@ -268,7 +274,7 @@ class _Tiers:
         """Move device ``victims`` (best victim first) to the host tier, dropping host victims."""
         need = victims.size - self.host_free
         if need > 0:
-            dropped = self.host.victims(need, protected)
+            dropped = checked_victims(self.host, need, protected, known=self._on_host)
             self.host.on_remove(dropped)
             self.host_free += dropped.size
             self._drop(dropped)
@@ -300,7 +306,10 @@ def replay(trace: Trace, policy: str | EvictionPolicy, config: ReplayConfig, *,
         )
     t0 = time.perf_counter()
     info = block_info(trace, config)
+    if isinstance(policy, EvictionPolicy):
+        policy.bind(info)  # this replay's BlockInfo is its owner: a second replay of the instance is refused
     device = make_policy(policy, info, **(policy_kwargs or {}))
+    device.bind(info)
     host = make_policy(config.host_policy, info) if config.host_blocks else None
     if host is not None and host.offline:
         raise ConfigError(f"host_policy={config.host_policy!r} is offline; use an online policy for the host tier")

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import numpy as np
 
 from kvstore.errors import ConfigError
-from kvstore.evict.base import EvictionPolicy, as_block_list, protected_ids, register_policy
+from kvstore.evict.base import EvictionPolicy, as_block_list, protected_ids, register_policy, accessed_ids, inserted_ids
 
 
 @register_policy("s3fifo")
@@ -48,7 +48,7 @@ class S3FIFO(EvictionPolicy):
 
     def on_insert(self, blocks) -> None:
         s, m, g, freq = self._s, self._m, self._g, self._freq
-        for b in as_block_list(blocks):
+        for b in inserted_ids(blocks, self.name):
             if g.pop(b, 0) is None:
                 m[b] = None
             else:
@@ -58,7 +58,7 @@ class S3FIFO(EvictionPolicy):
 
     def on_access(self, blocks) -> None:
         freq, pending = self._freq, self._pending
-        for b in as_block_list(blocks):
+        for b in accessed_ids(blocks, freq, self.name):
             freq[b] = min(freq[b] + 1, 3)
             if pending.pop(b, None) is not None:
                 self._m[b] = None

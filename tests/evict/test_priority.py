@@ -43,6 +43,7 @@ class SortedReference:
         self.tick = 0
         self.entries: dict[int, tuple[float, int]] = {}
         self.count: dict[int, int] = {}  # lfu's own counts
+        self.named: set[int] = set()  # named as victims since last scored: removing one is an eviction
 
     def score(self, blocks: list[int], hit: bool) -> None:
         for b in blocks:
@@ -51,17 +52,21 @@ class SortedReference:
         for b, k in zip(blocks, keys):
             self.tick += 1
             self.entries[b] = (self.clock + k if self.greedy_dual else k, self.tick)
+            self.named.discard(b)
 
     def remove(self, blocks: list[int]) -> None:
         for b in blocks:
             k, _ = self.entries.pop(b)
             self.count.pop(b)
-            if self.greedy_dual:
+            if self.greedy_dual and b in self.named:  # only an eviction ages, not a free
                 self.clock = max(self.clock, k)
+            self.named.discard(b)
 
     def victims(self, n: int, protected: list[int]) -> list[int]:
         order = sorted((e, b) for b, e in self.entries.items() if b not in protected)
-        return [b for _, b in order[:n]]
+        out = [b for _, b in order[:n]]
+        self.named.update(out)
+        return out
 
 
 def _asym_credit(ref, blocks, info):
@@ -156,3 +161,34 @@ def test_named_victims_keep_their_place_among_equal_priorities():
     assert lfu.victims(4).tolist() == [1, 2, 3, 4]
     lfu.on_access([2])
     assert lfu.victims(4).tolist() == [1, 3, 4, 2]
+
+
+@pytest.mark.parametrize("name", ["asym", "gdsf"])
+def test_freeing_a_block_does_not_age_the_clock(name):
+    """Greedy-Dual's clock rises only on an eviction (a victim the policy named), never on a
+    free: after a hot block is freed, a block read 1,000 times still outlives a fresh
+    single-use block. Raising the clock on the free (the old behaviour) lifted the fresh
+    block's score above the hot reader's and evicted the latter first."""
+    info = BlockInfo(4)
+    info.position[:4] = [0, 0, 0, 0]
+    info.num_tokens[:4] = 16
+    info.size_bytes[:4] = 4096
+    info.recompute_cost[:4] = CostModel.preset("tiny").recompute_flops(info.position[:4], 16)
+    info.reload_cost[:4] = np.inf
+    policy = make_policy(name, info)
+    info.access_count[[0, 1]] = 1
+    policy.on_insert(np.array([0, 1]))
+    for _ in range(1000):  # block 0 is read 1,000 times, block 1 (the hot one) 5,000
+        info.access_count[0] += 1
+        policy.on_access([0])
+    for _ in range(5000):
+        info.access_count[1] += 1
+        policy.on_access([1])
+    policy.on_remove([1])  # freed, not evicted
+    assert policy.clock == 0.0
+    info.access_count[2] = 1
+    policy.on_insert(np.array([2]))  # fresh, single use
+    assert policy.victims(1).tolist() == [2]
+    fresh_score = policy.key(2)
+    policy.on_remove([2])  # evicted: now the clock ages, to the victim's score
+    assert policy.clock == fresh_score > 0.0
