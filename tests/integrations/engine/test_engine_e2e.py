@@ -170,3 +170,25 @@ def test_corrupted_loads_change_the_output(engine_harness, tiny_llama, reference
     assert run[2]["connector_hits"] == len(A) - BLOCK
     with pytest.raises(AssertionError, match="differ from vLLM alone|tokens"):
         assert_same(reference, run[2], ["A"])
+
+
+def test_openai_server_reports_host_tier_hits_after_reset(engine_harness, tiny_llama, reference):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = engine(engine_harness, tiny_llama, engine_harness.kvstore_transfer_config(host_blocks=128))
+    body = {"model": tiny_llama, "prompt": A, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True, "logprobs": 0}
+    with engine_harness.openai_server(cfg, port) as url:
+        cold = engine_harness.post(url + "/v1/completions", body)
+        engine_harness.post(url + "/reset_prefix_cache")
+        warm = engine_harness.post(url + "/v1/completions", body)
+    want = reference["A"]
+    for got in (cold, warm):
+        choice = got["choices"][0]
+        assert choice["text"].split() == engine_harness.words(want["tokens"]).split()
+        diff = max(abs(a - b) for a, b in zip(choice["logprobs"]["token_logprobs"], want["logprobs"], strict=True))
+        assert diff <= LOGPROB_TOL
+    assert (cold["usage"]["prompt_tokens_details"] or {}).get("cached_tokens", 0) == 0
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == len(A) - BLOCK
