@@ -339,8 +339,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-blocks", type=int, default=64, help="vLLM's KV-cache size in blocks of 32 tokens, the same in every row")
     parser.add_argument("--host-blocks", type=int, default=1024, help="kvstore's host tier in blocks of 32 tokens")
     parser.add_argument("--rows", default="vllm,kvstore,offloading", help="rows to run: vllm, kvstore, offloading")
-    parser.add_argument("--out", default="bench/results/engine.json")
-    parser.add_argument("--plot", default="bench/results/engine.png")
+    parser.add_argument("--json", default="bench/results/engine.json", help="write the figures here")
+    parser.add_argument("--plot", default="bench/results/engine.png", help="write the plot here (empty: none)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -391,8 +391,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"{name}: did not run: {why}")
     result = {"model": asdict(s), "requests": len(prompts), "tokens_per_block": args.tokens_per_block, "max_blocks": args.max_blocks,
               "gpu_blocks": args.gpu_blocks, "host_blocks": args.host_blocks, "block_size": block, "rows": rows, "skipped": skipped}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
     if args.plot and rows:
         import matplotlib
 
