@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "attn": "bench_attn",
     "decode": "bench_decode",
     "connector": "bench_connector",
+    "engine": "bench_engine",
 }
 #: ``kvstore bench`` with no name runs the first of these that exists
 DEFAULT_BENCHMARKS = ("long-context", "store")

