@@ -290,7 +290,7 @@ class KVStore:
             orphans = orphans[~held]
 
     def __contains__(self, seq: int) -> bool:
-        return seq in self._seqs
+        return validate.is_integer(seq) and int(seq) in self._seqs
 
     @property
     def sequences(self) -> list[int]:

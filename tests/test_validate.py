@@ -447,3 +447,28 @@ def test_trace_arguments_are_checked(tmp_path):
         load_trace(3, "jsonl")
     with pytest.raises(TraceFormatError, match=str(2**64)):
         Trace.from_requests([[0]], input_lengths=[2**64], block_tokens=4)
+
+
+# ------------------------------------------------------------------ the PQ index's other entry points
+def test_pq_index_inputs_are_typed_errors():
+    _, _, pq_store, trained, _ = world()
+    index = pq_store._pq[trained].indexes[0]
+    H, M = SPEC.num_kv_heads, index.num_subspaces
+    codes_before = index.codes.clone()
+    for call, error, named in [
+        (lambda: index.decode([[0]]), ShapeError, "[[0]]"),
+        (lambda: index.decode(torch.zeros(H, 2, M, dtype=torch.long)), ShapeError, "torch.int64"),
+        (lambda: index.decode(torch.full((H, 2, M), 16, dtype=torch.uint8)), OutOfRangeError, "16"),
+        (lambda: index.load_state_dict([1, 2]), ConfigError, "[1, 2]"),
+        (lambda: index.search(torch.ones(H, 1, SPEC.head_dim).tolist(), 3), ShapeError, "list"),
+        (lambda: pq_store.select_many([trained], 0, torch.tensor(1.0), [4]), ShapeError, "()"),
+    ]:
+        with pytest.raises(error) as info:
+            call()
+        assert named in str(info.value)
+    assert torch.equal(index.codes, codes_before)
+
+
+def test_membership_of_any_value_is_a_bool():
+    store, (a, _), _, _, _ = world()
+    assert np.int64(a) in store and [a] not in store and float(a) not in store and True not in store and "0" not in store
