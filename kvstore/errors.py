@@ -17,7 +17,9 @@ class ConfigError(KVStoreError, ValueError):
 
 
 class ShapeError(KVStoreError, ValueError):
-    """A tensor has the wrong shape, dtype, device or stride for the call it was passed to."""
+    """A tensor has the wrong shape, dtype, device or stride for the call it was passed to, or
+    requires grad (K/V and recomputed blocks are refused, not detached); also ids or positions
+    of a non-integer type (floats and bools are never truncated; see kvstore.validate)."""
 
 
 class NonFiniteError(KVStoreError, ValueError):

@@ -301,7 +301,7 @@ class KVStore:
             orphans = orphans[~held]
 
     def __contains__(self, seq: int) -> bool:
-        return seq in self._seqs
+        return validate.is_integer(seq) and int(seq) in self._seqs
 
     @property
     def sequences(self) -> list[int]:
@@ -936,7 +936,8 @@ class KVStore:
         missing = ids[b.dev_slot[ids] < 0]
         dropped = missing[b.host_slot[missing] < 0]
         if dropped.size and (not allow_recompute or self.recompute is None):
-            raise BlockStateError(f"blocks {dropped[:8].tolist()} were dropped and there is no recompute callable")
+            why = "there is no recompute callable" if self.recompute is None else "this operation only loads host copies"
+            raise BlockStateError(f"blocks {dropped[:8].tolist()} were dropped and {why}")
         restored = [self._recompute_block(block) for block in dropped.tolist()]
         self._make_device_room(missing.size + extra, protected)
         handle = TransferHandle()

@@ -80,6 +80,7 @@ class StoreMachine(RuleBasedStateMachine):
             device_blocks=device_blocks,
             host_blocks=host_blocks,
             recompute=self._recompute if lossless else None,
+            device="cpu",  # the model's tensors are CPU tensors; checks run at once (a NaN fault raises in the call)
         )
         for _ in range(2):
             s = self.store.create()

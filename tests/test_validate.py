@@ -30,6 +30,7 @@ from kvstore.spec import KVSpec, ModelCost
 from kvstore.store import KVStore
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=4, head_dim=8, dtype=torch.float32, block_size=4)
+CPU = "cpu"  # every tensor here is a CPU tensor, and checks run at once (deferred ones would raise at end_step)
 PROPERTY = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 NUMPY_INTS = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
@@ -59,7 +60,7 @@ def world():
     """A store with blocks on every tier (device, host only, dropped) and a PQ store with one
     trained and one untrained sequence. Built once: every call against it must fail."""
     truth = Recompute()
-    store = KVStore(SPEC, device_blocks=6, host_blocks=4, recompute=truth)
+    store = KVStore(SPEC, device_blocks=6, host_blocks=4, recompute=truth, device=CPU)
     seqs = []
     for seed, n in ((1, 10), (2, 5)):
         s = store.create()
@@ -69,7 +70,7 @@ def world():
     table = store.block_table(seqs[0])
     store.offload(table[:1])
     store.drop(table[1:2])
-    pq_store = KVStore(SPEC, device_blocks=32, pq=PQConfig(bits=4))
+    pq_store = KVStore(SPEC, device_blocks=32, pq=PQConfig(bits=4), device=CPU)
     trained, untrained = pq_store.create(), pq_store.create()
     pq_store.append(trained, *random_kv(SPEC, 40, 3).unbind(1))
     pq_store.append(untrained, *random_kv(SPEC, 6, 4).unbind(1))
@@ -301,7 +302,7 @@ def test_numpy_integers_in_range_act_as_python_ints(dtype, data):
 
 
 def test_numpy_ids_at_create_and_configs():
-    store = KVStore(SPEC, device_blocks=2)
+    store = KVStore(SPEC, device_blocks=2, device=CPU)
     seq = store.create(np.uint64(2**63 - 1))
     assert type(seq) is int and seq == 2**63 - 1 and seq in store.sequences
     kv = random_kv(SPEC, 5, seed=7)
@@ -340,7 +341,7 @@ def test_query_heads_must_equal_the_specs_trained_or_not(heads):
 @pytest.mark.parametrize("fault", ["nan", "inf", "grad"])
 def test_recompute_output_is_validated_before_it_is_stored(fault):
     truth = Recompute()
-    store = KVStore(SPEC, device_blocks=4, host_blocks=0, recompute=truth)
+    store = KVStore(SPEC, device_blocks=4, host_blocks=0, recompute=truth, device=CPU)
     s = store.create()
     truth.kv[s] = random_kv(SPEC, 6, seed=9)
     store.append(s, truth.kv[s][:, 0], truth.kv[s][:, 1])
@@ -391,7 +392,7 @@ def test_store_construction_refuses_a_bad_device_or_size(kwargs, named):
 
 @_STORE_INIT
 def test_store_construction_takes_numpy_sizes():
-    store = KVStore(SPEC, device_blocks=np.int64(4), host_blocks=np.uint32(2))
+    store = KVStore(SPEC, device_blocks=np.int64(4), host_blocks=np.uint32(2), device=CPU)
     assert (store.device_pool.num_slots, store.host_pool.num_slots) == (4, 2)
 
 
@@ -446,3 +447,28 @@ def test_trace_arguments_are_checked(tmp_path):
         load_trace(3, "jsonl")
     with pytest.raises(TraceFormatError, match=str(2**64)):
         Trace.from_requests([[0]], input_lengths=[2**64], block_tokens=4)
+
+
+# ------------------------------------------------------------------ the PQ index's other entry points
+def test_pq_index_inputs_are_typed_errors():
+    _, _, pq_store, trained, _ = world()
+    index = pq_store._pq[trained].indexes[0]
+    H, M = SPEC.num_kv_heads, index.num_subspaces
+    codes_before = index.codes.clone()
+    for call, error, named in [
+        (lambda: index.decode([[0]]), ShapeError, "[[0]]"),
+        (lambda: index.decode(torch.zeros(H, 2, M, dtype=torch.long)), ShapeError, "torch.int64"),
+        (lambda: index.decode(torch.full((H, 2, M), 16, dtype=torch.uint8)), OutOfRangeError, "16"),
+        (lambda: index.load_state_dict([1, 2]), ConfigError, "[1, 2]"),
+        (lambda: index.search(torch.ones(H, 1, SPEC.head_dim).tolist(), 3), ShapeError, "list"),
+        (lambda: pq_store.select_many([trained], 0, torch.tensor(1.0), [4]), ShapeError, "()"),
+    ]:
+        with pytest.raises(error) as info:
+            call()
+        assert named in str(info.value)
+    assert torch.equal(index.codes, codes_before)
+
+
+def test_membership_of_any_value_is_a_bool():
+    store, (a, _), _, _, _ = world()
+    assert np.int64(a) in store and [a] not in store and float(a) not in store and True not in store and "0" not in store

@@ -244,12 +244,18 @@ class PQIndex:
         return self._encode(keys, self.centroids)[0]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Reconstruction of ``codes: [H, N, M]`` -> ``[H, N, D]`` float32 (the centroids named)."""
+        """Reconstruction of ``codes: [H, N, M]`` uint8 -> ``[H, N, D]`` float32 (the centroids
+        named). Codes must be below ``2**bits`` (checked: a sync on CUDA)."""
         self._require_trained("decode")
         assert self.centroids is not None
         H, M = self.num_heads, self.num_subspaces
-        if codes.dim() != 3 or codes.shape[0] != H or codes.shape[2] != M:
-            raise ShapeError(f"PQIndex.decode: expected codes [{H}, tokens, {M}], got {tuple(codes.shape)}")
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.shape[0] != H or codes.shape[2] != M:
+            got = tuple(codes.shape) if isinstance(codes, torch.Tensor) else validate.show(codes)
+            raise ShapeError(f"PQIndex.decode: expected codes [{H}, tokens, {M}], got {got}")
+        if codes.dtype != torch.uint8:
+            raise ShapeError(f"PQIndex.decode: codes must be uint8, got {codes.dtype}")
+        if codes.numel() and int(codes.max()) >= self.num_centroids:
+            raise OutOfRangeError(f"PQIndex.decode: code {int(codes.max())} out of range [0, {self.num_centroids}) (bits={self.bits})")
         N = codes.shape[1]
         idx = codes.long().permute(0, 2, 1).unsqueeze(-1).expand(H, M, N, self.subspace_dim)
         return torch.gather(self.centroids, 2, idx).permute(0, 2, 1, 3).reshape(H, N, self.head_dim)
@@ -377,6 +383,8 @@ class PQIndex:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()`` output; the config must match this index's."""
+        if not isinstance(state, dict):
+            raise ConfigError(f"PQIndex.load_state_dict: state must be a dict from state_dict(), got {validate.show(state)}")
         for name in ("head_dim", "num_subspaces", "bits", "outlier_fraction"):
             if state.get(name) != getattr(self, name):
                 raise ConfigError(f"PQIndex.load_state_dict: {name}={state.get(name)!r} != index {name}={getattr(self, name)}")

@@ -228,6 +228,8 @@ def select_batch(seqs: Sequence[PQSequenceIndex], layer: int, queries: Sequence[
     if not isinstance(queries, (torch.Tensor, list, tuple)) or not isinstance(budgets, (list, tuple)):
         raise ShapeError(f"select_batch: queries must be a tensor or a list of tensors and budgets a list, got "
                          f"{validate.show(queries)} and {validate.show(budgets)}")
+    if isinstance(queries, torch.Tensor) and queries.dim() != 3:
+        raise ShapeError(f"select_batch: queries must be [B, Hq, D], got {tuple(queries.shape)}")
     if len(queries) != len(seqs) or len(budgets) != len(seqs):
         raise ShapeError(f"select_batch: {len(seqs)} sequences, {len(queries)} queries, {len(budgets)} budgets")
     budgets = [_budget(b) for b in budgets]
