@@ -69,6 +69,7 @@ from kvstore.errors import (
     UnknownSequenceError,
 )
 from kvstore.evict import BlockInfo, EvictionPolicy, make_policy
+from kvstore.evict.base import checked_victims
 from kvstore.evict.cost import CostModel
 from kvstore.pq.select import Budget, Selection
 from kvstore.pq.sequence import PQConfig, PQSequenceIndex, select_batch
@@ -213,6 +214,10 @@ class KVStore:
         self.host_policy = self._policy(host_policy, "host_policy")
         if self.device_policy is self.host_policy:
             raise ConfigError("KVStore: device_policy and host_policy must be different policy objects")
+        for policy in (self.device_policy, self.host_policy):  # one instance, one store: a second one is refused
+            bind = getattr(policy, "bind", None)
+            if bind is not None:
+                bind(self)
         self.mover = BlockMover(self.device)
 
         self._seqs: dict[int, _Seq] = {}
@@ -866,14 +871,14 @@ class KVStore:
         """``need`` victims named by ``policy``; raises CapacityError (nothing changed) if it cannot."""
         if need <= 0:
             return np.empty(0, dtype=np.int64)
-        victims = np.asarray(policy.victims(need, protected), dtype=np.int64)[:need]
+        slots = self.blocks.dev_slot if pool is self.device_pool else self.blocks.host_slot
+        victims = checked_victims(policy, need, protected, known=lambda ids: (ids < slots.size) & (slots[np.minimum(ids, slots.size - 1)] >= 0))
         if victims.size < need:
             raise CapacityError(
                 f"{pool.name} tier full: {pool.num_free} of {pool.num_slots} blocks free, {need} more needed, "
                 f"but only {victims.size} of its {pool.num_used} resident blocks can be evicted "
                 f"({np.asarray(protected).size} protected by the operation)"
             )
-        assert not np.isin(victims, protected).any(), f"policy {policy.name!r} named a protected block"
         return victims
 
     def _host_room(self, n: int, protected: np.ndarray) -> np.ndarray:

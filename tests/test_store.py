@@ -471,3 +471,26 @@ def test_fetch_and_attend_reject_bad_input_and_change_nothing(attn_spec):
         with pytest.raises(error, match=pattern):
             call()
         assert_same(snapshot(store), before)
+
+
+class _Liar(LRU):
+    """An LRU that names the same victim twice: the store must refuse it, not leak a slot."""
+
+    def victims(self, n, protected=None):
+        v = super().victims(1, protected)
+        return np.concatenate([v, v])[:max(n, 2)]
+
+
+def test_a_policy_breaking_the_contract_is_refused_and_changes_nothing(small_spec):
+    from kvstore.errors import PolicyError
+
+    store = KVStore(small_spec, device_blocks=3, host_blocks=8, device_policy=_Liar())
+    truth = Truth()
+    s = fill(store, truth, small_spec, 12, seed=61)  # the device tier is full
+    before = snapshot(store)
+    with pytest.raises(PolicyError, match="twice"):
+        store.append(s, truth.kv[s][:, 0, :8], truth.kv[s][:, 1, :8])  # needs two victims
+    assert_same(snapshot(store), before)
+    store.check()
+    with pytest.raises(PolicyError, match="already tracks"):
+        KVStore(small_spec, device_blocks=3, device_policy=store.device_policy)

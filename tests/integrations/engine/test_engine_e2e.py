@@ -154,8 +154,6 @@ def test_small_host_tier_output_equals_vllm_alone(reference, small_run):
         assert r["num_cached_tokens"] <= SMALL_HOST * BLOCK + (small_run[i]["device_hits"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 2: a host tier smaller than the prompt evicts the request's own "
-                   "saved head to store its tail, so no lookup reaches what it holds (connector thrashing)")
 def test_small_host_tier_serves_the_sharers_prefix(small_run):
     # E's first blocks fit the tier; F shares 10 blocks with E
     assert small_run[2]["connector_hits"] > 0
