@@ -182,11 +182,8 @@ class KVStore:
     ) -> None:
         if not isinstance(spec, KVSpec):
             raise ConfigError(f"KVStore.spec must be a KVSpec, got {type(spec).__name__}")
-        for name, value in (("device_blocks", device_blocks), ("host_blocks", host_blocks)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"KVStore.{name} must be an int >= 0, got {value!r}")
-        if device_blocks == 0:
-            raise ConfigError("KVStore.device_blocks must be >= 1, got 0")
+        device_blocks = validate.tier_blocks(device_blocks, "KVStore.device_blocks", lo=1)
+        host_blocks = validate.tier_blocks(host_blocks, "KVStore.host_blocks")
         if recompute is not None and not callable(recompute):
             raise ConfigError(f"KVStore.recompute must be callable, got {type(recompute).__name__}")
         if pq is not None and not isinstance(pq, PQConfig):
@@ -198,7 +195,7 @@ class KVStore:
         self.spec = spec
         self.pq = pq
         self.row_cache = row_cache
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = validate.device(device, "KVStore.device") if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         pin = (self.device.type == "cuda") if pin_host is None else bool(pin_host)
@@ -207,6 +204,8 @@ class KVStore:
         self.checks = DeferredChecks(immediate=not (self.device.type == "cuda" if defer_checks is None else bool(defer_checks)))
         self.cost = cost if cost is not None else _default_cost(spec)
 
+        validate.tier_bytes(device_blocks, spec.bytes_per_block, self.device, "KVStore.device_blocks")
+        validate.tier_bytes(host_blocks, spec.bytes_per_block, torch.device("cpu"), "KVStore.host_blocks")
         self.blocks = _Blocks(capacity=max(16, device_blocks + host_blocks))
         self.device_pool = BlockPool(spec, device_blocks, device=self.device, name="device", host=False)
         self.host_pool = BlockPool(spec, host_blocks, device="cpu", pin_memory=pin, name="host")

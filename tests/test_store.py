@@ -342,8 +342,8 @@ def test_bad_recompute_output_is_a_typed_error(small_spec):
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        (dict(device_blocks=0), "device_blocks must be >= 1"),
-        (dict(device_blocks=-3), "device_blocks must be an int >= 0, got -3"),
+        (dict(device_blocks=0), r"device_blocks 0 out of range \[1, "),
+        (dict(device_blocks=-3), r"device_blocks -3 out of range \[1, "),
         (dict(device_blocks=4, host_blocks=2.5), "host_blocks.*2.5"),
         (dict(device_blocks=4, recompute=3), "recompute must be callable"),
     ],

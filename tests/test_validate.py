@@ -376,21 +376,12 @@ def test_a_bad_device_is_a_config_error(dev):
     assert validate.show(dev) in str(info.value)
 
 
-_STORE_INIT = pytest.mark.xfail(
-    strict=True, raises=(RuntimeError, MemoryError, ValueError),
-    reason="KVStore.__init__ (the lead's) must check device and sizes with kvstore.validate.device/tier_blocks "
-    "before it allocates anything; remove this mark once it does",
-)
-
-
-@_STORE_INIT
 @pytest.mark.parametrize("kwargs, named", [({"host_blocks": 2**80}, str(2**80)), ({"device": "gpu:x"}, "'gpu:x'")])
 def test_store_construction_refuses_a_bad_device_or_size(kwargs, named):
     with pytest.raises(ConfigError, match=named):
         KVStore(SPEC, device_blocks=4, **kwargs)
 
 
-@_STORE_INIT
 def test_store_construction_takes_numpy_sizes():
     store = KVStore(SPEC, device_blocks=np.int64(4), host_blocks=np.uint32(2), device=CPU)
     assert (store.device_pool.num_slots, store.host_pool.num_slots) == (4, 2)

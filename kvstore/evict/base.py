@@ -165,7 +165,7 @@ def checked_victims(policy: "EvictionPolicy", n, protected=None, known=None, ava
     """
     n = check_count(n)
     out = policy.victims(n, protected)
-    name = policy.name or type(policy).__name__
+    name = getattr(policy, "name", None) or type(policy).__name__
     if not (isinstance(out, np.ndarray) and out.ndim == 1 and np.issubdtype(out.dtype, np.integer)):
         raise PolicyError(f"policy {name!r} returned {type(out).__name__} victims, not a 1-D integer array")
     out = out.astype(np.int64, copy=False)

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from conftest import BLOCK, LAYERS, make_kv_caches, make_request, make_scheduler, make_worker  # noqa: E402
+from vllm_helpers import BLOCK, LAYERS, make_kv_caches, make_request, make_scheduler, make_worker  # noqa: E402
 
 from kvstore.errors import ConfigError  # noqa: E402
 from kvstore.evict import POLICIES, make_policy  # noqa: E402
