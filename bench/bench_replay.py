@@ -17,33 +17,37 @@ from pathlib import Path
 
 import numpy as np
 
+from kvstore.errors import ConfigError
 from kvstore.evict import POLICIES
 from kvstore.evict.cost import CostModel
 from kvstore.evict.replay import SEMANTICS, ReplayConfig, ReplayResult, replay
 from kvstore.evict.trace import TRACE_FORMATS, Trace, load_trace
 from kvstore.spec import MODEL_COSTS
 
-from .common import add_common_args, machine_info, parse_capacities, print_table, write_json
+from kvstore._locate import default_trace
 
-DEFAULT_TRACE = Path("..") / "shared" / "traces" / "mooncake_conversation.jsonl"
+from .common import (
+    add_common_args, capacity, machine_info, names, nonnegative_capacity, parse_capacities, plot_file, positive_float,
+    positive_int, print_table, write_json,
+)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", default=str(DEFAULT_TRACE), help="trace file (relative paths: from the current directory)")
+    parser.add_argument("--trace", default=None, help="trace file (default: the shared Mooncake conversation trace, found from any directory)")
     parser.add_argument("--format", default="mooncake", choices=sorted(TRACE_FORMATS), help="trace line format")
-    parser.add_argument("--block-tokens", type=int, default=None, help="tokens per trace block (default: 512 for mooncake, 16 for jsonl)")
-    parser.add_argument("--limit", type=int, default=None, help="replay only the first LIMIT requests")
-    parser.add_argument("--policies", default="lru,asym,belady", help=f"comma-separated device policies; registered: {','.join(sorted(POLICIES))}")
-    parser.add_argument("--capacity-blocks", default="0.1", help="comma-separated device capacities: block counts (18279) or fractions of the unique blocks (0.1)")
-    parser.add_argument("--host-blocks", default="0", help="host tier capacity: blocks or a fraction of the unique blocks (0: no host tier)")
+    parser.add_argument("--block-tokens", type=positive_int, default=None, help="tokens per trace block (default: 512 for mooncake, 16 for jsonl)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="replay only the first LIMIT requests")
+    parser.add_argument("--policies", type=names(lambda: POLICIES), default=["lru", "asym", "belady"], help=f"comma-separated device policies; registered: {','.join(sorted(POLICIES))}")
+    parser.add_argument("--capacity-blocks", type=capacity, default=[0.1], help="comma-separated device capacities: block counts (18279) or fractions of the unique blocks (0.1)")
+    parser.add_argument("--host-blocks", type=nonnegative_capacity, default=[0], help="host tier capacity: blocks or a fraction of the unique blocks (0: no host tier)")
     parser.add_argument("--host-policy", default="lru", help="host tier policy")
     parser.add_argument("--leaves-only", action="store_true",
                         help="the device tier evicts only blocks no resident block extends (vLLM's prefix-tree eviction)")
     parser.add_argument("--semantics", default="multi-segment", choices=SEMANTICS, help="recovery semantics of recompute_tflops in the table and JSON")
     parser.add_argument("--model", default="llama3-8b", choices=sorted(MODEL_COSTS), help="model whose KV bytes and FLOPs are costed")
-    parser.add_argument("--compute-tflops", type=float, default=400.0, help="prefill/recompute throughput for TTFT (TFLOP/s)")
-    parser.add_argument("--load-gbps", type=float, default=50.0, help="host-to-device bandwidth for loads (GB/s)")
-    parser.add_argument("--plot", default=None, metavar="OUT.png", help="plot hit ratio and recompute cost against capacity")
+    parser.add_argument("--compute-tflops", type=positive_float, default=400.0, help="prefill/recompute throughput for TTFT (TFLOP/s)")
+    parser.add_argument("--load-gbps", type=positive_float, default=50.0, help="host-to-device bandwidth for loads (GB/s)")
+    parser.add_argument("--plot", type=plot_file, default=None, metavar="OUT.png", help="plot hit ratio and recompute cost against capacity")
     parser.add_argument("--anchor-libcachesim", action="store_true", help="also time libCacheSim's LRU on the same block stream")
     add_common_args(parser)
 
@@ -123,11 +127,11 @@ def summarize(results: list[ReplayResult], semantics: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    args.trace = args.trace or str(default_trace())
     trace = load_trace(args.trace, args.format, block_tokens=args.block_tokens, limit=args.limit)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown:
-        raise SystemExit(f"--policies: unknown {unknown}; registered: {sorted(POLICIES)}")
+    policies = args.policies
+    if len(args.host_blocks) != 1:
+        raise ConfigError(f"--host-blocks: one capacity, got {len(args.host_blocks)}")
     capacities = parse_capacities(args.capacity_blocks, trace.num_unique_blocks)
     (host_blocks,) = parse_capacities(args.host_blocks, trace.num_unique_blocks, allow_zero=True)
     cost = CostModel.preset(args.model, compute_throughput=args.compute_tflops * 1e12, reload_bandwidth=args.load_gbps * 1e9)

@@ -830,7 +830,9 @@ class KVStore:
         b.seq[ids] = seq
         b.position[ids] = (first_index + np.arange(n)) * self.spec.block_size
         b.size_bytes[ids] = self.spec.bytes_per_block
-        b.reload_cost[ids] = self.cost.reload_seconds(self.spec.bytes_per_block)
+        # Without a host tier an evicted block can only be recomputed: no reload to fall back on,
+        # so a cost-aware policy sees the position-dependent recompute cost alone.
+        b.reload_cost[ids] = self.cost.reload_seconds(self.spec.bytes_per_block) if self.host_pool.num_slots else np.inf
         b.num_tokens[ids] = 0
         b.filled[ids] = 0
         b.access_count[ids] = 0

@@ -494,3 +494,16 @@ def test_a_policy_breaking_the_contract_is_refused_and_changes_nothing(small_spe
     store.check()
     with pytest.raises(PolicyError, match="already tracks"):
         KVStore(small_spec, device_blocks=3, device_policy=store.device_policy)
+
+
+@pytest.mark.parametrize("host_blocks", [0, 8])
+def test_without_a_host_tier_a_block_can_only_be_recomputed(small_spec, host_blocks):
+    """What cost-aware policies read: no host tier, no reload (replay uses infinity too), so
+    asym's miss cost is the position-dependent recompute cost alone."""
+    store = KVStore(small_spec, device_blocks=8, host_blocks=host_blocks, device_policy="asym")
+    s = fill(store, Truth(), small_spec, 20, seed=62)
+    ids = store.block_table(s).numpy()
+    reload = store.blocks.reload_cost[ids]
+    assert (np.isinf(reload) if host_blocks == 0 else np.isfinite(reload) & (reload > 0)).all()
+    recompute = store.blocks.recompute_cost[ids]
+    assert (np.diff(recompute) > 0).all()  # a later block costs more to recompute
