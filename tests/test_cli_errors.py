@@ -258,3 +258,27 @@ def test_the_default_trace_is_found_from_any_directory(tmp_path, monkeypatch):
         assert default_trace() == shared.resolve()
     with pytest.raises(ConfigError, match=f"'no-such.jsonl' not found in .*; pass --trace PATH or set {TRACE_DIR_ENV}"):
         default_trace("no-such.jsonl")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--policies", ","], "argument --policies: expected a non-empty comma-separated list, got ','"),
+    (["--policies", "lru,nope"], "argument --policies: unknown name 'nope'; choose from "),
+    (["--capacity-blocks", "0"], "argument --capacity-blocks: expected a comma-separated list of block counts >= 1"),
+    (["--host-blocks", "0.1,0.2"], "--host-blocks: one capacity, got 2"),
+    (["--limit", "0"], "argument --limit: expected a positive integer, got '0'"),
+    (["--load-gbps", "-1"], "argument --load-gbps: expected a finite number > 0, got '-1'"),
+])
+def test_replay_options_fail_in_one_line(argv, message, capsys):
+    rc = cli.main(["replay", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"kvstore: error: {message}") and err.count("\n") == 1, err
+
+
+def test_replay_finds_its_default_trace_from_any_directory(tmp_path, monkeypatch, capsys):
+    try:
+        default_trace()
+    except ConfigError:
+        pytest.skip("the shared trace is not on this machine")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["replay", "--limit", "50", "--policies", "lru", "--capacity-blocks", "400"]) == 0
+    assert "mooncake_conversation.jsonl" in capsys.readouterr().out
