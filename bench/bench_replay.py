@@ -127,11 +127,11 @@ def summarize(results: list[ReplayResult], semantics: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if len(args.host_blocks) != 1:
+        raise ConfigError(f"--host-blocks: one capacity, got {len(args.host_blocks)}")
     args.trace = args.trace or str(default_trace())
     trace = load_trace(args.trace, args.format, block_tokens=args.block_tokens, limit=args.limit)
     policies = args.policies
-    if len(args.host_blocks) != 1:
-        raise ConfigError(f"--host-blocks: one capacity, got {len(args.host_blocks)}")
     capacities = parse_capacities(args.capacity_blocks, trace.num_unique_blocks)
     (host_blocks,) = parse_capacities(args.host_blocks, trace.num_unique_blocks, allow_zero=True)
     cost = CostModel.preset(args.model, compute_throughput=args.compute_tflops * 1e12, reload_bandwidth=args.load_gbps * 1e9)
