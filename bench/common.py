@@ -333,13 +333,9 @@ def resolve_device(name: str) -> "torch.device":
         raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    from kvstore import validate
+
+    return validate.device(name, "--device")  # exists here (ConfigError naming it otherwise)
 
 
 def add_common_args(parser, *, json_default: str | None = None) -> None:
