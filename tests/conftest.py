@@ -26,3 +26,13 @@ def copy_streams(request, monkeypatch):
 
         monkeypatch.setattr(kvstore.store, "BlockMover", lambda device, **kw: BlockMover(device, stream=LateStream(), **kw))
     return request.param
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on 127.0.0.1 (tests/redis_server.py), stopped after the test."""
+    from redis_server import RedisServer, require_redis
+
+    server = RedisServer(require_redis(), tmp_path).start()
+    yield server
+    server.stop()

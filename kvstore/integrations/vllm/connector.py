@@ -36,18 +36,17 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.spec = spec
         self.scheduler: _SchedulerSide | None = None
         self.worker: HostTierWorker | None = None
+        model_name, pc = str(vllm_config.model_config.model), vllm_config.parallel_config
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = _SchedulerSide(self.config, spec, gpu_block, _cost_model(vllm_config, spec))
+            self.scheduler = _SchedulerSide(
+                self.config, spec, gpu_block, _cost_model(vllm_config, spec), model_name=model_name, world_size=pc.world_size,
+            )
         else:
             cold = None
             if self.config.cold_tier is not None:
-                from kvstore.integrations.lmcache import LMCacheColdTier
+                from kvstore.integrations.lmcache import open_cold_tier
 
-                pc = vllm_config.parallel_config
-                cold = LMCacheColdTier(
-                    self.config.cold_tier, spec, world_size=pc.world_size, worker_id=pc.rank,
-                    model_name=str(vllm_config.model_config.model),
-                )
+                cold = open_cold_tier(self.config.cold_tier, spec, model_name=model_name, world_size=pc.world_size, worker_id=pc.rank)
             self.worker = HostTierWorker(
                 spec, self.config.host_blocks, gpu_block, layer_names, pin_memory=self.config.pin_memory, cold=cold
             )
@@ -92,6 +91,8 @@ class KVStoreConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self.worker is not None and self.worker.cold is not None:
             self.worker.cold.close()
+        if self.scheduler is not None:
+            self.scheduler.index.cold.close()
 
     # ------------------------------------------------------------------ scheduler side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:

@@ -15,6 +15,7 @@ from kvstore.errors import CapacityError
 from kvstore.evict import BlockInfo, EvictionPolicy, make_policy
 from kvstore.evict.base import PrefixTree
 from kvstore.evict.cost import CostModel
+from kvstore.integrations.lmcache import cold_key
 from kvstore.integrations.vllm.config import KVStoreConnectorConfig
 from kvstore.integrations.vllm.metadata import BlockCopy, KVStoreConnectorMetadata, KVStoreWorkerMetadata
 from kvstore.spec import KVSpec
@@ -24,6 +25,68 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+
+class ColdKeys:
+    """The scheduler's view of what the cold tier holds.
+
+    The local disk's keys are mirrored as an LRU capped at its capacity (LMCache evicts LRU
+    too; a stale entry only costs a failed load, reported and recomputed). A remote tier is
+    shared, so other engines add to it: it is asked at lookup (``remote``: a lookup-only
+    :class:`~kvstore.integrations.lmcache.LMCacheRemoteTier`, bounded by its timeout and
+    empty while the server is down).
+
+    Args:
+        capacity: blocks the local disk holds (0: no disk).
+        remote: the remote tier to ask, or None.
+    """
+
+    def __init__(self, capacity: int = 0, remote=None) -> None:
+        self.capacity = capacity
+        self.remote = remote
+        self.mirror: OrderedDict[bytes, None] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.capacity) or self.remote is not None
+
+    def __len__(self) -> int:
+        return len(self.mirror)
+
+    def __contains__(self, key: bytes) -> bool:
+        return self.count_leading([key]) == 1
+
+    def add(self, key: bytes) -> None:
+        """A host victim spilled to the cold tier."""
+        if self.capacity:
+            self.mirror[key] = None
+            self.mirror.move_to_end(key)
+            while len(self.mirror) > self.capacity:
+                self.mirror.popitem(last=False)
+
+    def discard(self, key: bytes) -> None:
+        """``key`` moved back into the host tier (the disk copy stays, but the host one is read first)."""
+        self.mirror.pop(key, None)
+
+    def count_leading(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys``, from the first, the cold tier holds (disk mirror, then the server)."""
+        n = len(list(takewhile(self.mirror.__contains__, keys)))
+        if self.remote is not None and n < len(keys):
+            while n < len(keys):
+                start = n
+                n += self.remote.count_leading([cold_key(k) for k in keys[n:]])
+                n += len(list(takewhile(self.mirror.__contains__, islice(keys, n, None))))
+                if n == start:
+                    break
+        return n
+
+    def clear(self) -> None:
+        """Forget the local mirror (a shared server is never cleared by one engine)."""
+        self.mirror.clear()
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
 
 
 class HostTierIndex:
@@ -37,22 +100,23 @@ class HostTierIndex:
     block each block extends, from the ``parents`` that ``insert`` is given; ``children``: how
     many cached blocks extend each slot); with ``leaves_only`` it never evicts a block that a
     cached block extends: vLLM loads a prefix only up to its first missing block, so a hole
-    would strand everything after it. The cold tier's
-    contents are mirrored as an LRU of keys capped at its capacity (LMCache evicts LRU too; a
-    stale entry only costs a failed load, reported and recomputed).
+    would strand everything after it. What the cold tier holds is ``cold``
+    (:class:`ColdKeys`): a mirror of the local disk's keys, and/or the shared remote server,
+    asked at lookup.
 
     Args:
         spec: host block shape (for sizes and costs).
         num_slots: host tier capacity in blocks.
         policy: kvstore eviction policy name or instance.
         cost: recompute/reload cost model the policy reads.
-        cold_capacity: blocks the cold tier holds (0: no cold tier).
+        cold_capacity: blocks the local cold tier holds (0: none); ignored when ``cold`` is given.
         leaves_only: evict only blocks that no cached block extends.
+        cold: the cold tier's keys (default: a mirror of ``cold_capacity`` keys).
     """
 
     def __init__(
         self, spec: KVSpec, num_slots: int, policy: str | EvictionPolicy, cost: CostModel, cold_capacity: int = 0,
-        *, leaves_only: bool = False,
+        *, leaves_only: bool = False, cold: "ColdKeys | None" = None,
     ) -> None:
         self.spec = spec
         self.leaves_only = leaves_only
@@ -62,25 +126,26 @@ class HostTierIndex:
         self.policy = make_policy(policy, self.info)
         self.slot_of: dict[bytes, int] = {}
         self.key_of: list[bytes | None] = [None] * num_slots
-        self.cold: OrderedDict[bytes, None] = OrderedDict()
-        self.cold_capacity = cold_capacity
+        self.cold = cold if cold is not None else ColdKeys(cold_capacity)
         self.pinned = np.zeros(num_slots, dtype=np.bool_)
         self.tree = PrefixTree(num_slots)  # which cached slot each slot's block extends
         self._clock = 0
         self._block_bytes = spec.bytes_per_block
-        self._reload_cost = float(cost.reload_seconds(self._block_bytes)) if cold_capacity else np.inf
+        self._reload_cost = float(cost.reload_seconds(self._block_bytes)) if self.cold.enabled else np.inf
 
     def __len__(self) -> int:
         return len(self.slot_of)
 
     def match(self, keys: Sequence[bytes]) -> tuple[int, int]:
         """Leading keys present: ``(in host or cold, in host only)``. No side effects."""
-        slot_of, cold = self.slot_of, self.cold
+        slot_of = self.slot_of
         host = n = len(list(takewhile(slot_of.__contains__, keys)))
-        for k in islice(keys, host, None):
-            if k not in slot_of and k not in cold:
+        while n < len(keys):  # runs of cold keys and host keys, alternating
+            start = n
+            n += self.cold.count_leading(keys[n:])
+            n += len(list(takewhile(slot_of.__contains__, islice(keys, n, None))))
+            if n == start:
                 break
-            n += 1
         return n, host
 
     def touch(self, slots: Sequence[int] | np.ndarray) -> None:
@@ -112,9 +177,8 @@ class HostTierIndex:
         reused = np.zeros(0, dtype=np.int64)
         if need > 0:
             reused, evicted = self._evict(need)
-            if self.cold_capacity:
-                for _, k in evicted:
-                    self._cold_add(k)
+            for _, k in evicted:
+                self.cold.add(k)
             fit = reused.size + self.pool.num_free
             keys, positions = keys[:fit], positions[:fit]
         if not keys:
@@ -124,7 +188,7 @@ class HostTierIndex:
         for s, k in zip(slots.tolist(), keys):
             self.slot_of[k] = s
             self.key_of[s] = k
-            self.cold.pop(k, None)
+            self.cold.discard(k)
         if parents is not None:
             get = self.slot_of.get
             self.tree.link(slots, [-1 if k is None else get(k, -1) for k in parents[: slots.size]])
@@ -186,11 +250,6 @@ class HostTierIndex:
             self.key_of[s] = None
         self.tree.unlink(slots)  # a lost inner block (remove) leaves its children extending nothing cached
 
-    def _cold_add(self, key: bytes) -> None:
-        self.cold[key] = None
-        self.cold.move_to_end(key)
-        while len(self.cold) > self.cold_capacity:
-            self.cold.popitem(last=False)
 
 
 @dataclass
@@ -204,6 +263,20 @@ class _ReqState:
     lookup_computed: int = 0  # num_computed_tokens given to the last lookup
 
 
+def _cold_keys(config: KVStoreConnectorConfig, spec: KVSpec, model_name: str, world_size: int) -> ColdKeys:
+    """The scheduler's :class:`ColdKeys` for ``config.cold_tier`` (a lookup-only remote tier when it has a
+    server; it asks for rank 0's shard of a block, which every rank writes alongside its own)."""
+    cold = config.cold_tier
+    if cold is None:
+        return ColdKeys()
+    remote = None
+    if cold.remote_url is not None:
+        from kvstore.integrations.lmcache import LMCacheRemoteTier
+
+        remote = LMCacheRemoteTier(cold, spec, model_name=model_name, world_size=world_size, worker_id=0, staging=False)
+    return ColdKeys(cold.capacity_blocks(spec), remote)
+
+
 class _SchedulerSide:
     """Prefix lookup, load/save planning and the per-step metadata (see the module docstring).
 
@@ -213,12 +286,16 @@ class _SchedulerSide:
     host tier names all of the step's victims in one ``victims`` call.
     """
 
-    def __init__(self, config: KVStoreConnectorConfig, spec: KVSpec, gpu_block: int, cost: CostModel) -> None:
+    def __init__(
+        self, config: KVStoreConnectorConfig, spec: KVSpec, gpu_block: int, cost: CostModel, *, model_name: str = "kvstore",
+        world_size: int = 1,
+    ) -> None:
         self.spec = spec
         self.gpu_block = gpu_block
         self.per_host = spec.block_size // gpu_block
-        cold = config.cold_tier.capacity_blocks(spec) if config.cold_tier is not None else 0
-        self.index = HostTierIndex(spec, config.host_blocks, config.policy, cost, cold, leaves_only=config.leaves_only)
+        self.index = HostTierIndex(
+            spec, config.host_blocks, config.policy, cost, leaves_only=config.leaves_only, cold=_cold_keys(config, spec, model_name, world_size),
+        )
         self.reqs: dict[str, _ReqState] = {}
         self._meta = KVStoreConnectorMetadata()
         self._touched: list[np.ndarray | list[int]] = []  # this step's hits, not yet told to the policy

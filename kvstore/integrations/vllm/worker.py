@@ -11,6 +11,7 @@ import torch
 
 from kvstore.blocks import BlockPool
 from kvstore.errors import ShapeError
+from kvstore.integrations.lmcache import cold_key
 from kvstore.integrations.vllm.metadata import BlockCopy, KVStoreConnectorMetadata
 from kvstore.spec import KVSpec
 from kvstore.transfer import CopyStream, CudaCopyStream, ImmediateStream, StreamOp
@@ -73,6 +74,7 @@ class HostTierWorker:
         self._load_events: list = []
         self._pending_saves: list = []  # events of this step's layer saves
         self._finished: dict[str, object | None] = {}  # request -> event of its finished-request save
+        self._to_publish: list[BlockCopy] = []  # this step's saves, written through once they landed
 
     # ------------------------------------------------------------------ registration
     def register(self, kv_caches: Mapping[str, torch.Tensor], num_gpu_blocks: int) -> None:
@@ -126,6 +128,8 @@ class HostTierWorker:
                 self._fetch(meta.fetches)
             for req_id, copy in meta.finished_saves.items():
                 self._finished[req_id] = self._save_layers(copy, range(len(self.layers)))
+            if self.cold is not None:  # published once they landed (finish_step)
+                self._to_publish = [c for c in (meta.saves, *meta.finished_saves.values()) if len(c)]
             loads = BlockCopy.concat(list(meta.loads.values()))
             self._loads = self._verified(loads) if len(loads) else None
             self._loaded = [False] * len(self.layers)
@@ -170,6 +174,7 @@ class HostTierWorker:
                 if event is not None:
                     event.synchronize()
             self._pending_saves.clear()
+            self._publish()
 
     def finished_sending(self) -> set[str]:
         """Requests whose finished-request save has landed (all of them after :meth:`finish_step`)."""
@@ -224,12 +229,30 @@ class HostTierWorker:
             return
         for slot, key in spills:
             if self.slot_key[slot] == key:
-                self.cold.put(int.from_bytes(key, "big"), self.pool.kv[slot])
+                self.cold.put(cold_key(key), self.pool.kv[slot])
 
     def _fetch(self, fetches: Sequence[tuple[int, bytes]]) -> None:
-        for slot, key in fetches:
-            ok = self.cold is not None and self.cold.get(int.from_bytes(key, "big"), self.pool.kv[slot])
-            self.slot_key[slot] = key if ok else None
+        """Read the step's cold hits into their slots, all at once (a remote tier reads them
+        concurrently under one timeout); a slot whose read failed holds nothing (its load fails)."""
+        if not fetches:
+            return
+        slots = [s for s, _ in fetches]
+        for s in slots:
+            self.slot_key[s] = None  # until its read succeeded
+        if self.cold is None:
+            return
+        got = self.cold.get_many([cold_key(k) for _, k in fetches], [self.pool.kv[s] for s in slots])
+        for (slot, key), ok in zip(fetches, got):
+            if ok:
+                self.slot_key[slot] = key
+
+    def _publish(self) -> None:
+        """Write-through: hand the blocks this step saved (and that still hold them) to the cold tier."""
+        copies, self._to_publish = self._to_publish, []
+        for copy in copies:
+            for slot, key in zip(copy.slots.tolist(), copy.keys):
+                if self.slot_key[slot] == key:
+                    self.cold.publish(cold_key(key), self.pool.kv[slot])
 
     def _verified(self, copy: BlockCopy) -> BlockCopy | None:
         """``copy`` without the GPU blocks whose host copy is gone (recorded as failed)."""
