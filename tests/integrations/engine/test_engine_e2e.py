@@ -190,3 +190,23 @@ def test_openai_server_reports_host_tier_hits_after_reset(engine_harness, tiny_l
         assert diff <= LOGPROB_TOL
     assert (cold["usage"]["prompt_tokens_details"] or {}).get("cached_tokens", 0) == 0
     assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == len(A) - BLOCK
+
+
+def test_two_engines_share_a_prefix_through_the_remote_tier(engine_harness, tiny_llama, reference, redis_server):
+    """Engine A computes A (and B, which shares 6 blocks); engine B, another process with an
+    empty host tier, is served A's prefix from the shared redis-server; both equal vLLM alone.
+    Then the server dies: engine C recomputes everything and still equals vLLM alone."""
+    transfer = engine_harness.kvstore_transfer_config(host_blocks=128, cold_tier={"remote_url": redis_server.url, "timeout_s": 0.5})
+    (first,) = engine_harness.run_engine(engine(engine_harness, tiny_llama, transfer), [gen("A")])
+    assert_same(reference, first, ["A"])
+    assert first["requests"][0]["num_cached_tokens"] == 0
+    assert redis_server.client().dbsize() == 2 * len(A) // BLOCK  # every full block written through (value + metadata)
+    second = engine_harness.run_engine(engine(engine_harness, tiny_llama, transfer), [gen("A"), RESET, gen("B")])
+    assert_same(reference, second[0], ["A"])
+    assert second[0]["connector_hits"] == len(A) - BLOCK  # all but the last block, which vLLM computes
+    assert_same(reference, second[2], ["B"])
+    assert second[2]["connector_hits"] == 6 * BLOCK
+    redis_server.kill()
+    (third,) = engine_harness.run_engine(engine(engine_harness, tiny_llama, transfer), [gen("A")])
+    assert_same(reference, third, ["A"])
+    assert third["connector_hits"] == 0
