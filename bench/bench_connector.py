@@ -18,6 +18,12 @@ Hit rate (``--trace PATH``): a Mooncake trace replayed through the scheduler sid
 per step with no GPU prefix cache above the host tier, for each of ``--trace-policies`` with
 and without ``leaves_only``: the host tier's prefix hit ratio and the prefill FLOPs left to
 compute (what vLLM recomputes from each request's first missing block on).
+
+Remote tier (``--remote redis://host:port``): save and load GB/s of ``--copy-blocks`` llama3-8b
+blocks (``--layers`` layers) against that server through kvstore's remote tier (LMCache's
+RedisConnector; the figures include the header and CRC-32 of every value), the latency of one
+hit and of a lookup; with ``--trace``, two engines behind a round-robin balancer replay the
+trace each alone and sharing the remote tier (see :func:`trace_hits`).
 """
 
 from __future__ import annotations
@@ -61,6 +67,17 @@ def _trace_file(text: str) -> str:
     return text
 
 
+def _remote_url(text: str) -> str:
+    """A Redis-protocol server URL (checked as cold_tier.remote_url is)."""
+    from kvstore.integrations.lmcache import ColdTierConfig
+
+    try:
+        ColdTierConfig(remote_url=text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_cli_args(parser) -> None:
     parser.add_argument("--cached-blocks", type=positive_int, default=10_000, help="blocks resident in the host tier (>= --hit-blocks)")
     parser.add_argument("--requests", type=positive_int, default=64, help="requests per step")
@@ -75,6 +92,9 @@ def add_cli_args(parser) -> None:
                         help="policies of the trace replay (comma-separated)")
     parser.add_argument("--trace-capacity", type=fraction_or_count, default="0.1",
                         help="host tier of the trace replay: blocks (18279) or a fraction of the trace's unique blocks (0.1)")
+    parser.add_argument("--remote", type=_remote_url, default=None, metavar="URL",
+                        help="also measure a remote tier on this Redis-protocol server (redis://host:port): save/load GB/s, "
+                             "hit latency, and with --trace two engines sharing it against each alone")
     add_common_args(parser)
 
 
@@ -198,19 +218,41 @@ def _full_tier_bench(args) -> dict:
     }
 
 
-def trace_hits(trace, policy: str, host_blocks: int, **config) -> dict:
+def trace_hits(trace, policy: str, host_blocks: int, *, engines: int = 1, remote_url: str | None = None, **config) -> dict:
     """Replay ``trace`` (a kvstore Trace, one host block per trace block) through the scheduler
     side: each request looks up its prefix (get_num_new_matched_tokens), loads its hits and
     saves the rest of its prompt (build_connector_meta), one request per step, with no GPU
-    prefix cache above the host tier. Returns the prefix hit ratio (blocks loaded / blocks read)."""
+    prefix cache above the host tier. Returns the prefix hit ratio (blocks loaded / blocks read).
+
+    ``engines`` > 1 routes request ``r`` to engine ``r % engines`` (a round-robin load
+    balancer), each with its own host tier of ``host_blocks``. With ``remote_url`` they share
+    a remote tier on that server: every block an engine saves or spills is written there (as
+    the worker's write-through does) and every lookup asks it. Its values are stand-ins of a
+    1 KB layout (the hit ratio does not depend on a block's bytes), in a namespace of this run.
+    """
+    import uuid
+
     from kvstore.evict.cost import CostModel
+    from kvstore.integrations.lmcache import ColdTierConfig, LMCacheRemoteTier, cold_key
     from kvstore.integrations.vllm import KVStoreConnectorConfig, _SchedulerSide
     from kvstore.spec import KVSpec
 
     bs = trace.block_tokens
     spec = KVSpec.preset("llama3-8b", block_size=bs)
     cost = CostModel.preset("llama3-8b")
-    side = _SchedulerSide(KVStoreConnectorConfig(host_blocks=host_blocks, policy=policy, **config), spec, bs, cost)
+    shared = None
+    if remote_url is not None:
+        stand_in = KVSpec(num_layers=1, num_kv_heads=1, num_q_heads=1, head_dim=8, dtype=torch.float32, block_size=32)
+        cold = ColdTierConfig(remote_url=remote_url, timeout_s=5.0)
+        shared = LMCacheRemoteTier(cold, stand_in, model_name=f"kvstore-bench-{uuid.uuid4().hex[:8]}")
+        block = torch.ones(stand_in.block_shape)
+        config = config | {"cold_tier": cold}
+    sides = [_SchedulerSide(KVStoreConnectorConfig(host_blocks=host_blocks, policy=policy, **config), spec, bs, cost)
+             for _ in range(engines)]
+    if shared is not None:
+        for side in sides:  # ask the stand-in namespace instead of the llama3-8b one the config names
+            side.index.cold.close()
+            side.index.cold.remote = shared
     per_block = cost.recompute_flops(np.arange(trace.max_request_blocks, dtype=np.int64) * bs, bs)
     # [i]: FLOPs of blocks i.. of a request as long as the longest (a trailing 0 for i = its length)
     computed = np.append(np.cumsum(per_block[::-1])[::-1], 0.0)
@@ -219,6 +261,7 @@ def trace_hits(trace, policy: str, host_blocks: int, **config) -> dict:
         ids = trace.request(r).tolist()
         if not ids:
             continue
+        side = sides[r % engines]
         hashes = [_key(b) for b in ids]
         n = len(ids) * bs + 1
         req = SimpleNamespace(request_id="r", block_hashes=hashes, num_tokens=n, num_prompt_tokens=n, num_computed_tokens=0)
@@ -226,14 +269,74 @@ def trace_hits(trace, policy: str, host_blocks: int, **config) -> dict:
         gpu = [*range(len(ids) + 1)]
         side.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (gpu,)), ext)
         new = SimpleNamespace(req_id="r", block_ids=(gpu,), num_computed_tokens=ext)
-        side.build_connector_meta(_empty_step([new], {"r": n - ext}))
+        meta = side.build_connector_meta(_empty_step([new], {"r": n - ext}))
+        if shared is not None:
+            for key in [*meta.saves.keys, *(k for _, k in meta.spills)]:
+                shared.put(cold_key(key), block)
+            shared.flush()
         side.reqs.clear()
         h = ext // bs
         hits += h
         flops += computed[h] - computed[len(ids)]
-    return {
-        "policy": policy, "host_blocks": host_blocks, **config,
+    out = {
+        "policy": policy, "host_blocks": host_blocks, "engines": engines, "shared_remote": shared is not None,
+        **{k: v for k, v in config.items() if k != "cold_tier"},
         "prefix_hit_ratio": hits / trace.num_block_requests, "prefill_tflops": flops / 1e12,
+    }
+    if shared is not None:
+        out["remote"] = shared.stats.as_dict()
+        shared.close()
+    return out
+
+
+def _remote_bench(args) -> dict:
+    """Save/load bandwidth and hit latency of the remote tier at ``args.remote`` (llama3-8b
+    blocks of ``--layers`` layers, ``--copy-blocks`` per batch, fresh keys per repetition)."""
+    import time
+    import uuid
+
+    from kvstore.integrations.lmcache import ColdTierConfig, LMCacheRemoteTier
+    from kvstore.spec import KVSpec
+
+    spec = KVSpec.preset("llama3-8b", num_layers=args.layers)
+    n = args.copy_blocks
+    g = torch.Generator().manual_seed(args.seed)
+    blocks = (torch.randn((n, *spec.block_shape), generator=g) + 0.5).to(spec.dtype)
+    outs = [torch.empty(spec.block_shape, dtype=spec.dtype) for _ in range(n)]
+    cfg = ColdTierConfig(remote_url=args.remote, timeout_s=30.0, staging_mib=max(256.0, 3 * n * spec.bytes_per_block / 2**20))
+    tier = LMCacheRemoteTier(cfg, spec, model_name=f"kvstore-bench-{uuid.uuid4().hex[:8]}")
+    save_s, load_s, hit_ms, lookup_ms, lookup_batch_ms = [], [], [], [], []
+    try:
+        for rep in range(args.repeat):
+            keys = [rep * n + i for i in range(n)]
+            t0 = time.perf_counter()
+            sent = [tier.put(k, blocks[i]) for i, k in enumerate(keys)]
+            tier.flush()
+            save_s.append(time.perf_counter() - t0)
+            if not all(sent) or tier.stats.failed_puts:
+                raise RuntimeError(f"remote tier at {args.remote}: writes failed or dropped ({tier.stats})")
+            t0 = time.perf_counter()
+            got = tier.get_many(keys, outs)
+            load_s.append(time.perf_counter() - t0)
+            if not all(got) or not torch.equal(outs[-1], blocks[-1]):
+                raise RuntimeError(f"remote tier at {args.remote}: reads failed ({tier.stats})")
+            t0 = time.perf_counter()
+            tier.get(keys[0], outs[0])
+            hit_ms.append(1e3 * (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            tier.count_leading(keys[:1])
+            lookup_ms.append(1e3 * (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            tier.count_leading(keys)
+            lookup_batch_ms.append(1e3 * (time.perf_counter() - t0))
+    finally:
+        tier.close()
+    nbytes = n * spec.bytes_per_block
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    return {
+        "url": args.remote, "blocks": n, "bytes": nbytes, "block_bytes": spec.bytes_per_block,
+        "save_gbps": nbytes / med(save_s) / 1e9, "load_gbps": nbytes / med(load_s) / 1e9,
+        "hit_latency_ms": med(hit_ms), "lookup_latency_ms": med(lookup_ms), "lookup_batch_ms": med(lookup_batch_ms),
     }
 
 
@@ -285,7 +388,8 @@ def main(args) -> int:
         raise ConfigError(f"--cached-blocks {args.cached_blocks} must hold at least one --hit-blocks {args.hit_blocks} prefix")
     trace, cap = _load_trace(args) if args.trace else (None, None)
     replays = [(p, leaves) for p in args.trace_policies for leaves in (True, False)] if args.trace else []
-    with Progress("bench connector", total=2 + len(replays)) as progress:
+    shared = [(p, e, url) for p in args.trace_policies for e, url in ((2, None), (2, args.remote))] if args.trace and args.remote else []
+    with Progress("bench connector", total=2 + len(replays) + len(shared) + bool(args.remote)) as progress:
         progress.step(f"scheduler side, policy {args.policy}: decode, admit, admit into a full tier ({args.repeat} steps each)")
         sched = _scheduler_bench(args)
         progress.step(f"worker save/load of {args.copy_blocks} blocks, {args.layers} layers")
@@ -294,6 +398,14 @@ def main(args) -> int:
         for p, leaves in replays:
             progress.step(f"trace replay: policy {p}, leaves_only={leaves}, host tier {cap} blocks")
             hits.append(trace_hits(trace, p, cap, leaves_only=leaves))
+        remote = None
+        if args.remote:
+            progress.step(f"remote tier at {args.remote}: save/load of {args.copy_blocks} blocks, {args.repeat} times")
+            remote = _remote_bench(args)
+        sharing = []
+        for p, e, url in shared:
+            progress.step(f"trace replay: {e} engines, policy {p}, host tier {cap} blocks each, " + ("sharing the remote tier" if url else "each alone"))
+            sharing.append(trace_hits(trace, p, cap, engines=e, remote_url=url))
     full = sched["full_tier"]
     rows = [
         ["scheduler: decode step (build_connector_meta)", f"{sched['decode_us_per_request']:.2f} us/request", "<= 50 us"],
@@ -316,6 +428,22 @@ def main(args) -> int:
             f"host-tier prefix hits, {args.trace} through the scheduler side ({hits[0]['host_blocks']} host blocks)",
             ["policy", "leaves only", "prefix hit ratio", "prefill TFLOPs"],
             [[h["policy"], h["leaves_only"], h["prefix_hit_ratio"], h["prefill_tflops"]] for h in hits],
+        )
+    if remote is not None:
+        out["remote"] = remote
+        print_table(
+            f"remote tier {args.remote} ({remote['blocks']} blocks of {remote['block_bytes'] / 2**20:.2f} MiB per batch)",
+            ["measure", "value"],
+            [["save (encode + write, batch)", f"{remote['save_gbps']:.3f} GB/s"], ["load (read + check, batch)", f"{remote['load_gbps']:.3f} GB/s"],
+             ["hit latency (one block)", f"{remote['hit_latency_ms']:.2f} ms"], ["lookup (one key)", f"{remote['lookup_latency_ms']:.2f} ms"],
+             [f"lookup ({remote['blocks']} keys)", f"{remote['lookup_batch_ms']:.2f} ms"]],
+        )
+    if sharing:
+        out["sharing"] = sharing
+        print_table(
+            f"two engines (round-robin), {args.trace}, {sharing[0]['host_blocks']} host blocks each",
+            ["policy", "remote tier", "prefix hit ratio", "prefill TFLOPs"],
+            [[h["policy"], "shared" if h["shared_remote"] else "none (each alone)", h["prefix_hit_ratio"], h["prefill_tflops"]] for h in sharing],
         )
     write_json(args.json_out, out)
     return 0

@@ -16,14 +16,19 @@ A worker-side tier offers ``put`` (a victim), ``publish`` (a saved block, write-
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 
-from kvstore.integrations.lmcache.config import REMOTE_SCHEMES, ColdTierConfig
-from kvstore.integrations.lmcache.disk import LMCacheColdTier
-from kvstore.integrations.lmcache.remote import LMCacheRemoteTier, RemoteStats
-from kvstore.spec import KVSpec
+# LMCache logs every connector it discovers at INFO (dozens of lines per tier); kvstore's tiers
+# report what matters themselves. An LMCACHE_LOG_LEVEL the user set wins.
+os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
+
+from kvstore.integrations.lmcache.config import REMOTE_SCHEMES, ColdTierConfig  # noqa: E402
+from kvstore.integrations.lmcache.disk import LMCacheColdTier  # noqa: E402
+from kvstore.integrations.lmcache.remote import LMCacheRemoteTier, RemoteStats  # noqa: E402
+from kvstore.spec import KVSpec  # noqa: E402
 
 __all__ = [
     "REMOTE_SCHEMES", "ColdTierConfig", "LMCacheColdTier", "LMCacheRemoteTier", "LayeredColdTier", "RemoteStats",
