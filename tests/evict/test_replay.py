@@ -3,6 +3,7 @@ test_libcachesim.py), the Belady bound, cost accounting, the CLI's report."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,68 @@ def test_leaves_only_config_errors():
         ReplayConfig(capacity_blocks=8, host_blocks=4, leaves_only=True)
     with pytest.raises(ConfigError, match="leaves_only"):
         ReplayConfig(capacity_blocks=8, leaves_only="yes")
+
+
+def _cli_replay(tmp_path, *argv: str) -> list[dict]:
+    """``kvstore replay`` on the tiny trace's first 30 requests: its JSON rows."""
+    from kvstore import cli
+
+    out = tmp_path / "replay.json"
+    assert cli.main(["replay", "--trace", str(TINY), "--limit", "30", "--json", str(out), *argv]) == 0
+    return json.loads(out.read_text())["results"]
+
+
+def _table_rows(text: str) -> list[dict]:
+    """The rows of the markdown table in ``text``, as header -> cell."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_cli_reports_gap_closed_in_table_and_json(tmp_path, capsys):
+    rows = _cli_replay(tmp_path, "--policies", "lru,asym,belady,arc", "--capacity-blocks", "24,36")
+    table = _table_rows(capsys.readouterr().out)
+    by = {(r["policy"], r["capacity_blocks"]): r for r in rows}
+    for (name, cap), r in by.items():
+        lru, bound = by["lru", cap]["block_hit_ratio"], by["belady", cap]["block_hit_ratio"]
+        assert bound > lru  # the gap is defined at both capacities
+        assert r["gap_closed"] == pytest.approx((r["block_hit_ratio"] - lru) / (bound - lru), rel=1e-12)
+    assert [by["lru", c]["gap_closed"] for c in (24, 36)] == [0.0, 0.0]
+    assert [by["belady", c]["gap_closed"] for c in (24, 36)] == [1.0, 1.0]
+    assert len({round(r["gap_closed"], 6) for r in rows}) > 3  # asym and arc land elsewhere
+    assert len(table) == len(rows)
+    for t, r in zip(table, rows):
+        assert (t["policy"], int(t["capacity"])) == (r["policy"], r["capacity_blocks"])
+        assert float(t["gap closed"]) == pytest.approx(r["gap_closed"], rel=1e-3, abs=1e-12)
+
+
+def test_cli_gap_closed_is_undefined_without_belady(tmp_path, capsys):
+    rows = _cli_replay(tmp_path, "--policies", "lru,asym", "--capacity-blocks", "24")
+    assert [r["gap_closed"] for r in rows] == [None, None]
+    assert [t["gap closed"] for t in _table_rows(capsys.readouterr().out)] == ["-", "-"]
+
+
+def test_plot_shows_gap_closed_per_policy(tmp_path):
+    from bench.bench_replay import figure, gap_closed
+
+    trace = load_mooncake(TINY, limit=30)
+    results = [replay(trace, name, ReplayConfig(capacity_blocks=cap)) for cap in (24, 30, 36) for name in ("lru", "asym", "belady", "arc")]
+    fig = figure(results, "multi-segment", "tiny")
+    (ax_gap,) = [ax for ax in fig.axes if "gap closed" in ax.get_title()]
+    lines = {line.get_label(): line for line in ax_gap.get_lines()}
+    gaps = dict(zip(map(id, results), gap_closed(results)))
+    for name in ("asym", "arc"):
+        rs = [r for r in results if r.policy == name]
+        assert list(lines[name].get_xdata()) == [24, 30, 36]
+        assert np.allclose(lines[name].get_ydata(), [gaps[id(r)] for r in rs])
+    assert list(lines["belady"].get_ydata()) == [1.0, 1.0] and list(lines["lru"].get_ydata()) == [0.0, 0.0]  # the reference lines
+
+    png = tmp_path / "replay.png"
+    _cli_replay(tmp_path, "--policies", "lru,asym,belady", "--capacity-blocks", "24,36", "--plot", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_bar_names_policy_and_capacity(capsys):
+    trace = load_mooncake(TINY, limit=30)
+    replay(trace, "asym", ReplayConfig(capacity_blocks=24, host_blocks=8), progress=True)
+    assert "replay asym @ 24 blocks, host 8" in capsys.readouterr().err
