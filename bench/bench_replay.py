@@ -4,6 +4,11 @@ Each policy runs at each device capacity (blocks, or fractions of the trace's un
 with an optional host tier. The table and the JSON report recompute under the chosen
 ``--semantics``; ``--anchor-libcachesim`` also times libCacheSim's LRU on the same block stream
 (same run, same machine) and checks its hit ratio against ours.
+
+*Gap closed* is how much of LRU's distance to the Belady bound a policy's block hit ratio
+covers, ``(policy - LRU) / (Belady - LRU)``, at each capacity (and host tier): LRU is 0,
+Belady 1. It needs both in the run (the default ``--policies`` has them); without either, or
+where Belady hits no more than LRU, the table prints ``-`` and the JSON ``null``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="mooncake", choices=sorted(TRACE_FORMATS), help="trace line format")
     parser.add_argument("--block-tokens", type=positive_int, default=None, help="tokens per trace block (default: 512 for mooncake, 16 for jsonl)")
     parser.add_argument("--limit", type=positive_int, default=None, help="replay only the first LIMIT requests")
-    parser.add_argument("--policies", type=names(lambda: POLICIES), default=["lru", "asym", "belady"], help=f"comma-separated device policies; registered: {','.join(sorted(POLICIES))}")
+    parser.add_argument("--policies", type=names(lambda: POLICIES), default=["lru", "asym", "belady"],
+                        help=f"comma-separated device policies; registered: {','.join(sorted(POLICIES))}. The gap-closed "
+                             f"column, (policy - lru) / (belady - lru) of block hit ratio, needs lru and belady among them "
+                             f"(else it shows '-')")
     parser.add_argument("--capacity-blocks", type=capacity, default=[0.1], help="comma-separated device capacities: block counts (18279) or fractions of the unique blocks (0.1)")
     parser.add_argument("--host-blocks", type=nonnegative_capacity, default=[0], help="host tier capacity: blocks or a fraction of the unique blocks (0: no host tier)")
     parser.add_argument("--host-policy", default="lru", help="host tier policy")
@@ -47,7 +55,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama3-8b", choices=sorted(MODEL_COSTS), help="model whose KV bytes and FLOPs are costed")
     parser.add_argument("--compute-tflops", type=positive_float, default=400.0, help="prefill/recompute throughput for TTFT (TFLOP/s)")
     parser.add_argument("--load-gbps", type=positive_float, default=50.0, help="host-to-device bandwidth for loads (GB/s)")
-    parser.add_argument("--plot", type=plot_file, default=None, metavar="OUT.png", help="plot hit ratio and recompute cost against capacity")
+    parser.add_argument("--plot", type=plot_file, default=None, metavar="OUT.png",
+                        help="plot hit ratio, gap closed (needs lru and belady) and recompute cost against capacity")
     parser.add_argument("--anchor-libcachesim", action="store_true", help="also time libCacheSim's LRU on the same block stream")
     add_common_args(parser)
 
@@ -81,27 +90,55 @@ def libcachesim_lru(trace: Trace, capacities: list[int]) -> list[dict]:
     return out
 
 
-def plot(results: list[ReplayResult], semantics: str, path: str, title: str) -> None:
+def gap_closed(results: list[ReplayResult]) -> list[float | None]:
+    """Per result, ``(hit - LRU's) / (Belady's - LRU's)`` of block hit ratio at its capacity and
+    host tier; None where lru or belady did not run there, or Belady hits no more than LRU."""
+    by = {(r.policy, r.capacity_blocks, r.host_blocks): r.block_hit_ratio for r in results}
+    out: list[float | None] = []
+    for r in results:
+        lru, bound = by.get(("lru", r.capacity_blocks, r.host_blocks)), by.get(("belady", r.capacity_blocks, r.host_blocks))
+        out.append(None if lru is None or bound is None or bound <= lru else (r.block_hit_ratio - lru) / (bound - lru))
+    return out
+
+
+def figure(results: list[ReplayResult], semantics: str, title: str):
+    """The ``--plot`` figure: hit ratio, gap closed and recompute against capacity, a line per
+    policy (Belady dashed: the bound; gap closed has no line for lru and belady, 0 and 1 by
+    definition, nor where it is undefined)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_hit, ax_cost) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in dict.fromkeys(r.policy for r in results):
+    fig, (ax_hit, ax_gap, ax_cost) = plt.subplots(1, 3, figsize=(16, 4.2))
+    gaps = dict(zip(map(id, results), gap_closed(results)))
+    for i, name in enumerate(dict.fromkeys(r.policy for r in results)):
         rs = sorted((r for r in results if r.policy == name), key=lambda r: r.capacity_blocks)
         x = [r.capacity_blocks for r in rs]
         bound = name == "belady"
-        style = dict(color="black", linestyle="--", label=f"{name} (bound)") if bound else dict(marker="o", label=name)
+        style = dict(color="black", linestyle="--", label=f"{name} (bound)") if bound else dict(color=f"C{i}", marker="o", label=name)
         ax_hit.plot(x, [r.block_hit_ratio for r in rs], **style)
         ax_cost.plot(x, [r.costs[semantics].recompute_flops / 1e12 for r in rs], **style)
+        closed = [(r.capacity_blocks, gaps[id(r)]) for r in rs if gaps[id(r)] is not None]
+        if name not in ("lru", "belady") and closed:
+            ax_gap.plot(*zip(*closed), **style)
+    ax_gap.axhline(0.0, color="gray", linewidth=1, label="lru")
+    ax_gap.axhline(1.0, color="black", linestyle="--", linewidth=1, label="belady")
     ax_hit.set(xlabel="device capacity (blocks)", ylabel="block hit ratio", title="hit ratio")
+    ax_gap.set(xlabel="device capacity (blocks)", ylabel="(policy - LRU) / (Belady - LRU)", title="LRU-to-Belady gap closed")
     ax_cost.set(xlabel="device capacity (blocks)", ylabel="recompute (TFLOPs)", title=f"recompute, {semantics}")
-    for ax in (ax_hit, ax_cost):
+    for ax in (ax_hit, ax_gap, ax_cost):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot(results: list[ReplayResult], semantics: str, path: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, semantics, title)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -110,17 +147,17 @@ def plot(results: list[ReplayResult], semantics: str, path: str, title: str) -> 
 def summarize(results: list[ReplayResult], semantics: str) -> list[str]:
     """asym against LRU and Belady at each capacity where all three ran."""
     lines = []
-    by = {(r.policy, r.capacity_blocks, r.host_blocks): r for r in results}
-    for (name, cap, host), lru in by.items():
-        asym, bound = by.get(("asym", cap, host)), by.get(("belady", cap, host))
+    by = {(r.policy, r.capacity_blocks, r.host_blocks): (r, g) for r, g in zip(results, gap_closed(results))}
+    for (name, cap, host), (lru, _) in by.items():
+        asym, closed = by.get(("asym", cap, host), (None, None))
         if name != "lru" or asym is None:
             continue
         ratio = asym.costs[semantics].recompute_flops / max(lru.costs[semantics].recompute_flops, 1e-30)
         line = (f"capacity {cap} (host {host}): asym recompute = {ratio:.3f} x LRU's, "
                 f"hit ratio {asym.block_hit_ratio:.4f} vs LRU {lru.block_hit_ratio:.4f} "
                 f"({asym.block_hit_ratio - lru.block_hit_ratio:+.4f})")
-        if bound is not None and bound.block_hit_ratio > lru.block_hit_ratio:
-            closed = (asym.block_hit_ratio - lru.block_hit_ratio) / (bound.block_hit_ratio - lru.block_hit_ratio)
+        if closed is not None:
+            bound = by[("belady", cap, host)][0]
             line += f"; closes {closed:.1%} of the LRU->Belady hit-ratio gap ({bound.block_hit_ratio:.4f})"
         lines.append(line)
     return lines
@@ -145,16 +182,17 @@ def main(args: argparse.Namespace) -> int:
             results.append(replay(trace, name, config, policy_kwargs=_policy_kwargs(name, cost), progress=progress))
 
     sem = args.semantics
+    gaps = gap_closed(results)
     print_table(
         f"replay {Path(args.trace).name}: {trace.num_requests} requests, {trace.num_block_requests} block reads, "
         f"{trace.num_unique_blocks} unique blocks ({sem})",
-        ["policy", "capacity", "host", "block hit", "prefix hit", "host hit", "recompute TFLOPs",
+        ["policy", "capacity", "host", "block hit", "gap closed", "prefix hit", "host hit", "recompute TFLOPs",
          "mean TTFT ms", "p99 TTFT ms", "req/s", "blocks/s"],
         [
-            (r.policy, r.capacity_blocks, r.host_blocks, r.block_hit_ratio, r.prefix_hit_ratio, r.host_hit_ratio,
+            (r.policy, r.capacity_blocks, r.host_blocks, r.block_hit_ratio, g, r.prefix_hit_ratio, r.host_hit_ratio,
              r.costs[sem].recompute_flops / 1e12, r.costs[sem].mean_ttft_ms, r.costs[sem].p99_ttft_ms,
              r.sim_requests_per_s, r.block_requests_per_s)
-            for r in results
+            for r, g in zip(results, gaps)
         ],
     )
     for line in summarize(results, sem):
@@ -174,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         plot(results, sem, args.plot, f"{Path(args.trace).name}, host tier {host_blocks} blocks")
     write_json(args.json_out, {
-        "results": [r.row(sem) for r in results],
+        "results": [{**r.row(sem), "gap_closed": g} for r, g in zip(results, gaps)],
         "trace": {"path": str(args.trace), "format": args.format, "requests": trace.num_requests,
                   "block_requests": trace.num_block_requests, "unique_blocks": trace.num_unique_blocks,
                   "block_tokens": trace.block_tokens},

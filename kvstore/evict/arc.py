@@ -19,6 +19,16 @@ class ARC(EvictionPolicy):
     room: the target size ``p`` of ``T1`` grows; one from ``B2`` shrinks it. Victims come from
     the front of ``T1`` while ``|T1| > p``, else from ``T2``. The capacity ``c`` (which bounds
     ``p`` and the ghosts) is the most blocks ever resident, so the policy needs no size.
+
+    The ghosts keep the paper's directory bounds, ``|T1| + |B1| <= c`` and
+    ``|T1| + |T2| + |B1| + |B2| <= 2c``, restored after each insertion by dropping the oldest
+    ghosts of ``B1``, then of ``B2``: the same ghosts the paper drops on a miss.
+
+    One difference from the paper (and from libCacheSim) is the protocol's: ``victims`` is asked
+    before the policy learns which block comes in, so a ghost hit adapts ``p`` at
+    ``on_insert``, after the victim was chosen, and the paper's tie rule (at ``|T1| == p``
+    evict from ``T1`` when the block comes from ``B2``) has no block to test.
+    tests/evict/test_libcachesim.py checks both variants against a reference, and libCacheSim.
     """
 
     def __init__(self, info=None) -> None:
@@ -46,7 +56,11 @@ class ARC(EvictionPolicy):
                 t2[b] = None
             else:
                 t1[b] = None
-        self._c = max(self._c, len(t1) + len(t2))
+        c = self._c = max(self._c, len(t1) + len(t2))
+        while b1 and len(t1) + len(b1) > c:
+            b1.popitem(last=False)
+        while b2 and len(t1) + len(t2) + len(b1) + len(b2) > 2 * c:
+            b2.popitem(last=False)
 
     def on_access(self, blocks) -> None:
         t1, t2 = self._t1, self._t2
@@ -63,11 +77,6 @@ class ARC(EvictionPolicy):
                 b1[b] = None
             elif t2.pop(b, 0) is None:
                 b2[b] = None
-        c = self._c
-        while len(b1) > c:
-            b1.popitem(last=False)
-        while len(b1) + len(b2) > c:
-            b2.popitem(last=False)
 
     def victims(self, n: int, protected=None) -> np.ndarray:
         skip = protected_ids(protected)

@@ -139,7 +139,12 @@ def protected_at(blocks: np.ndarray, protected) -> np.ndarray:
         out = np.zeros(blocks.size, dtype=np.bool_)
         out[inside] = protected[blocks[inside]]
         return out
-    return np.isin(blocks, as_block_array(protected))
+    ids = np.sort(as_block_array(protected))  # a binary search in the sorted ids: np.isin costs ~10x more per call
+    if ids.size == 0:
+        return np.zeros(blocks.size, dtype=np.bool_)
+    at = np.searchsorted(ids, blocks)
+    np.minimum(at, ids.size - 1, out=at)
+    return ids[at] == blocks
 
 
 def check_count(n, what: str = "victims n") -> int:
@@ -152,6 +157,16 @@ def check_count(n, what: str = "victims n") -> int:
     return int(n)
 
 
+#: up to this many victims, :func:`checked_victims` checks them with Python sets (numpy's
+#: per-call overhead, ~10 us for unique/isin, dominates a replay that evicts a few blocks per
+#: miss); above it, with sorted numpy arrays
+_FEW_VICTIMS = 64
+
+
+def _policy_name(policy: "EvictionPolicy") -> str:
+    return getattr(policy, "name", None) or type(policy).__name__
+
+
 def checked_victims(policy: "EvictionPolicy", n, protected=None, known=None, available: int | None = None) -> np.ndarray:
     """``policy.victims(n, protected)``, checked against the protocol; ``[<= n]`` int64.
 
@@ -160,40 +175,68 @@ def checked_victims(policy: "EvictionPolicy", n, protected=None, known=None, ava
     mask over block ids, or a callable mapping ``[k]`` int64 ids to ``[k]`` bool; negative ids
     are always unknown), or too few: fewer than ``min(n, available)``, where ``available`` is the
     number of unprotected blocks the tier holds (counted from ``known`` when it is a mask and
-    not given; not checked when neither). Costs O(victims) when the policy names ``n``.
-    ``n`` is checked by :func:`check_count` first. Nothing changes when it raises.
+    not given; not checked when neither). Costs O(victims + protected ids) when the policy
+    names ``n`` (a few victims: Python sets; many: one sort). ``n`` is checked by
+    :func:`check_count` first. Nothing changes when it raises.
     """
     n = check_count(n)
     out = policy.victims(n, protected)
-    name = getattr(policy, "name", None) or type(policy).__name__
-    if not (isinstance(out, np.ndarray) and out.ndim == 1 and np.issubdtype(out.dtype, np.integer)):
-        raise PolicyError(f"policy {name!r} returned {type(out).__name__} victims, not a 1-D integer array")
-    out = out.astype(np.int64, copy=False)
-    if out.size > n:
-        raise PolicyError(f"policy {name!r} named {out.size} victims for n={n}")
-    if out.size:
-        if out.min() < 0:
-            raise PolicyError(f"policy {name!r} named unknown victim {int(out[out < 0][0])} (negative id)")
-        if out.size > 1:
-            uniq, counts = np.unique(out, return_counts=True)
-            if counts.max() > 1:
-                raise PolicyError(f"policy {name!r} named victim {int(uniq[counts > 1][0])} twice")
-        hit = protected_at(out, protected)
-        if hit.any():
-            raise PolicyError(f"policy {name!r} named protected victim {int(out[hit][0])}")
+    if type(out) is not np.ndarray or out.ndim != 1 or out.dtype.kind not in "iu":
+        if not (isinstance(out, np.ndarray) and out.ndim == 1 and np.issubdtype(out.dtype, np.integer)):
+            raise PolicyError(f"policy {_policy_name(policy)!r} returned {type(out).__name__} victims, not a 1-D integer array")
+    if out.dtype != np.int64:
+        out = out.astype(np.int64)
+    k = out.size
+    if k > n:
+        raise PolicyError(f"policy {_policy_name(policy)!r} named {k} victims for n={n}")
+    if k:
+        bad = _bad_few(out, protected) if k <= _FEW_VICTIMS else _bad_many(out, protected)
+        if bad is not None:
+            raise PolicyError(f"policy {_policy_name(policy)!r} named {bad}")
         if known is not None:
             held = known(out) if callable(known) else protected_at(out, known)
             if not held.all():
-                raise PolicyError(f"policy {name!r} named unknown victim {int(out[~held][0])} (not in its tier)")
-    if out.size < n:
+                raise PolicyError(f"policy {_policy_name(policy)!r} named unknown victim {int(out[~held][0])} (not in its tier)")
+    if k < n:
         if available is None and is_protection_mask(known):
             free = known.copy()
             if protected is not None:
                 free &= ~protected_at(np.arange(known.size, dtype=np.int64), protected)
             available = int(np.count_nonzero(free))
-        if available is not None and out.size < min(n, available):
-            raise PolicyError(f"policy {name!r} named {out.size} victims for n={n} with {available} evictable blocks")
+        if available is not None and k < min(n, available):
+            raise PolicyError(f"policy {_policy_name(policy)!r} named {k} victims for n={n} with {available} evictable blocks")
     return out
+
+
+def _bad_few(out: np.ndarray, protected) -> str | None:
+    """What is wrong with a few victims ``out`` (negative, repeated or protected ids), or None."""
+    ids = out.tolist()
+    lo = min(ids)
+    if lo < 0:
+        return f"unknown victim {lo} (negative id)"
+    if len(ids) > 1 and len(set(ids)) < len(ids):
+        seen: set[int] = set()
+        return f"victim {next(b for b in ids if b in seen or seen.add(b))} twice"
+    if protected is not None:
+        skip = protected_ids(protected)
+        hit = next((b for b in ids if b in skip), None)
+        if hit is not None:
+            return f"protected victim {hit}"
+    return None
+
+
+def _bad_many(out: np.ndarray, protected) -> str | None:
+    """:func:`_bad_few` for many victims, vectorised (one sort)."""
+    if out.min() < 0:
+        return f"unknown victim {int(out[out < 0][0])} (negative id)"
+    order = np.sort(out)
+    twice = order[1:][order[1:] == order[:-1]]
+    if twice.size:
+        return f"victim {int(twice[0])} twice"
+    hit = protected_at(out, protected)
+    if hit.any():
+        return f"protected victim {int(out[hit][0])}"
+    return None
 
 
 def leaf_victims(

@@ -293,7 +293,8 @@ class _Tiers:
 def replay(trace: Trace, policy: str | EvictionPolicy, config: ReplayConfig, *,
            policy_kwargs: dict | None = None, progress: bool = False) -> ReplayResult:
     """Replay ``trace`` through a device tier run by ``policy`` (a registered name or an
-    unbound instance) and, when ``config.host_blocks`` > 0, a host tier.
+    unbound instance) and, when ``config.host_blocks`` > 0, a host tier. ``progress``: a tqdm
+    bar on stderr that names the policy and the capacities.
 
     The logical clock is the index of the read in ``trace.blocks``: serving read ``i`` of block
     ``b`` sets ``info.last_access[b] = i`` and increments ``info.access_count[b]`` before the
@@ -317,12 +318,15 @@ def replay(trace: Trace, policy: str | EvictionPolicy, config: ReplayConfig, *,
         if p is not None and p.offline:
             p.prepare(trace)
     tiers = _Tiers(info, device, host, config, prefix_parents(trace) if config.leaves_only else None)
-    status = _run(trace, tiers, progress)
-    return _account(trace, info, config, status, device.name or type(device).__name__, time.perf_counter() - t0)
+    name = device.name or type(device).__name__
+    label = f"replay {name} @ {config.capacity_blocks} blocks" + (f", host {config.host_blocks}" if config.host_blocks else "")
+    status = _run(trace, tiers, progress, label)
+    return _account(trace, info, config, status, name, time.perf_counter() - t0)
 
 
-def _run(trace: Trace, tiers: _Tiers, progress: bool) -> np.ndarray:
-    """The request loop: ``[num_block_requests]`` int8 tier of each block when it was read."""
+def _run(trace: Trace, tiers: _Tiers, progress: bool, label: str) -> np.ndarray:
+    """The request loop: ``[num_block_requests]`` int8 tier of each block when it was read
+    (``label`` names the run on the progress bar)."""
     from tqdm import tqdm
 
     blocks, offsets = trace.blocks, trace.offsets.tolist()
@@ -331,7 +335,7 @@ def _run(trace: Trace, tiers: _Tiers, progress: bool) -> np.ndarray:
     tier, last_access, access_count = tiers.tier, tiers.info.last_access, tiers.info.access_count
     on_access, admit = tiers.device.on_access, tiers.admit
     flatnonzero = np.flatnonzero
-    bar = tqdm(total=trace.num_requests, disable=not progress, unit="req", mininterval=0.5, leave=False)
+    bar = tqdm(total=trace.num_requests, desc=label, disable=not progress, unit="req", mininterval=0.5, leave=False)
     step = 512
     for r in range(trace.num_requests):
         o0, o1 = offsets[r], offsets[r + 1]
