@@ -27,9 +27,6 @@ import hashlib
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
-import torch
-
 from kvstore.errors import ConfigError
 
 from .common import (
@@ -116,6 +113,8 @@ def _empty_step(new_reqs=(), num_scheduled_tokens=None) -> SimpleNamespace:
 
 
 def _scheduler_bench(args) -> dict:
+    import numpy as np
+
     R, H = args.requests, args.hit_blocks
     prefixes = args.cached_blocks // H
     side = _filled_side(args, args.cached_blocks + 4 * R * H)
@@ -160,6 +159,8 @@ def _full_tier_bench(args) -> dict:
     """Admission into a full host tier: per request, lookup + load planning (pins its hits);
     then the step's saves of the blocks not in the tier, which evict as many victims. Each step
     admits fresh requests (new keys), prepared before timing."""
+    import numpy as np
+
     R, H, warmup = args.requests, args.hit_blocks, 3
     prefixes = args.cached_blocks // H
     side = _filled_side(args, prefixes * H)
@@ -203,6 +204,7 @@ def trace_hits(trace, policy: str, host_blocks: int, **config) -> dict:
     side: each request looks up its prefix (get_num_new_matched_tokens), loads its hits and
     saves the rest of its prompt (build_connector_meta), one request per step, with no GPU
     prefix cache above the host tier. Returns the prefix hit ratio (blocks loaded / blocks read)."""
+    import numpy as np
     from kvstore.evict.cost import CostModel
     from kvstore.integrations.vllm import KVStoreConnectorConfig, _SchedulerSide
     from kvstore.spec import KVSpec
@@ -247,6 +249,7 @@ def _load_trace(args):
 
 
 def _bandwidth_bench(args, device: torch.device) -> dict:
+    import torch
     from kvstore.integrations.vllm import BlockCopy, HostTierWorker
     from kvstore.spec import KVSpec
 
