@@ -448,6 +448,8 @@ class KVStore:
             raise ShapeError(f"fetch: positions must be a tensor [{Hkv}, S], got {shape}")
         if positions.dtype.is_floating_point or positions.dtype in (torch.bool, torch.complex64, torch.complex128):
             raise ShapeError(f"fetch: positions must be integers, got {positions.dtype}")
+        if positions.device != self.device and positions.device.type != "cpu":
+            raise ShapeError(f"fetch: positions on {positions.device}, expected the store's device ({self.device}) or the CPU")
         if positions.device != self.device:
             positions = positions.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else positions.to(self.device)
         positions = positions.long()
