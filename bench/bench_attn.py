@@ -27,25 +27,20 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-import torch
-
-from kvstore.attn import BlockSegments, merge_states, multi_segment_attention, paged_attention, reference
-from kvstore.blocks import BlockPool
 from kvstore.errors import ConfigError
-from kvstore.spec import PRESETS, KVSpec
 
 from .common import (
-    Progress, add_common_args, int_list, machine_info, nonnegative_int, positive_int, print_table, resolve_device, time_fn,
+    PRESET_NAMES, Progress, add_common_args, int_list, machine_info, nonnegative_int, positive_int, print_table, resolve_device, time_fn,
     write_json,
 )
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: --dtype name -> torch dtype name
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TARGETS = {"vs_gather_sdpa": 2.0, "vs_per_segment_sdpa": 1.5, "vs_sdpa_contiguous": 1.2, "copy_bw_fraction": 0.7}
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS), help="model shape (one layer)")
+    parser.add_argument("--preset", default="llama3-8b", choices=PRESET_NAMES, help="model shape (one layer)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="K/V/query dtype")
     parser.add_argument("--tokens", type=int_list, default="2048,4096,8192", help="comma-separated tokens the query reads in (a)")
     parser.add_argument("--segments", type=int_list, default="8,64", help="comma-separated segment counts those tokens are split into in (a)")
@@ -58,6 +53,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def _graph_replay(fn, device: torch.device):
     """``fn`` captured in a CUDA graph (after warm-up on the capture stream); returns its replay."""
+    import torch
+
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -92,6 +89,8 @@ def _time(row: dict, timed: dict, args, device: torch.device) -> None:
 
 def _scatter(rng: np.random.Generator, num_tokens: int, num_segments: int, num_slots: int, block_size: int):
     """Split ``num_tokens`` into ``num_segments`` random non-empty runs placed on random free slots."""
+    import numpy as np
+
     cuts = np.sort(rng.choice(np.arange(1, num_tokens), num_segments - 1, replace=False))
     lengths = np.diff(np.concatenate([[0], cuts, [num_tokens]]))
     blocks = -(-lengths // block_size)
@@ -102,6 +101,8 @@ def _scatter(rng: np.random.Generator, num_tokens: int, num_segments: int, num_s
 
 def _flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     """Flash SDPA for one decode token with GQA: q ``[1, Hq, D]``, k/v ``[T, Hkv, D]`` -> (out, lse)."""
+    import torch
+
     hkv, dim = k.shape[1], k.shape[2]
     qg = q[0].reshape(hkv, -1, dim).unsqueeze(0)  # [1, Hkv, G, D]: G query rows per KV head
     res = torch.ops.aten._scaled_dot_product_flash_attention(
@@ -112,6 +113,8 @@ def _flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 def _check(args, device: torch.device, spec: KVSpec) -> None:
     """Option combinations the run cannot use, before any work (ConfigError naming the values)."""
+    import torch
+
     bs = spec.block_size
     if device.type == "cuda" and spec.dtype == torch.float32:
         raise ConfigError(f"--dtype {args.dtype}: flash SDPA (the GPU baseline) needs fp16 or bf16")
@@ -130,6 +133,10 @@ def _check(args, device: torch.device, spec: KVSpec) -> None:
 
 
 def _bench_scattered(args, device, spec, rng, progress: Progress) -> list[dict]:
+    import torch
+    from kvstore.attn import BlockSegments, merge_states, paged_attention, reference
+    from kvstore.blocks import BlockPool
+
     block_size = spec.block_size
     pool = BlockPool(spec, args.pool_tokens // block_size, device=device)
     pool.kv.normal_()
@@ -191,6 +198,8 @@ def _bench_scattered(args, device, spec, rng, progress: Progress) -> list[dict]:
 
 def _copy_bandwidth(device, repeat: int) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read + written."""
+    import torch
+
     nbytes = 1 << 30
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -199,6 +208,11 @@ def _copy_bandwidth(device, repeat: int) -> float:
 
 
 def _bench_contiguous(args, device, spec) -> dict:
+    import numpy as np
+    import torch
+    from kvstore.attn import BlockSegments, multi_segment_attention, paged_attention
+    from kvstore.blocks import BlockPool
+
     t, hkv, dim = args.context, spec.num_kv_heads, spec.head_dim
     k = torch.randn(t, hkv, dim, device=device).to(spec.dtype)
     v = torch.randn(t, hkv, dim, device=device).to(spec.dtype)
@@ -227,8 +241,12 @@ def _bench_contiguous(args, device, spec) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from kvstore.spec import KVSpec
+
     device = resolve_device(args.device)
-    spec = KVSpec.preset(args.preset, num_layers=1, dtype=DTYPES[args.dtype])
+    spec = KVSpec.preset(args.preset, num_layers=1, dtype=getattr(torch, DTYPES[args.dtype]))
     _check(args, device, spec)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)

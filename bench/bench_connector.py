@@ -33,9 +33,6 @@ import hashlib
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
-import torch
-
 from kvstore.errors import ConfigError
 
 from .common import (
@@ -136,6 +133,8 @@ def _empty_step(new_reqs=(), num_scheduled_tokens=None) -> SimpleNamespace:
 
 
 def _scheduler_bench(args) -> dict:
+    import numpy as np
+
     R, H = args.requests, args.hit_blocks
     prefixes = args.cached_blocks // H
     side = _filled_side(args, args.cached_blocks + 4 * R * H)
@@ -180,6 +179,8 @@ def _full_tier_bench(args) -> dict:
     """Admission into a full host tier: per request, lookup + load planning (pins its hits);
     then the step's saves of the blocks not in the tier, which evict as many victims. Each step
     admits fresh requests (new keys), prepared before timing."""
+    import numpy as np
+
     R, H, warmup = args.requests, args.hit_blocks, 3
     prefixes = args.cached_blocks // H
     side = _filled_side(args, prefixes * H)
@@ -231,6 +232,9 @@ def trace_hits(trace, policy: str, host_blocks: int, *, engines: int = 1, remote
     1 KB layout (the hit ratio does not depend on a block's bytes), in a namespace of this run.
     """
     import uuid
+
+    import numpy as np
+    import torch
 
     from kvstore.evict.cost import CostModel
     from kvstore.integrations.lmcache import ColdTierConfig, LMCacheRemoteTier, cold_key
@@ -295,6 +299,9 @@ def _remote_bench(args) -> dict:
     import time
     import uuid
 
+    import numpy as np
+    import torch
+
     from kvstore.integrations.lmcache import ColdTierConfig, LMCacheRemoteTier
     from kvstore.spec import KVSpec
 
@@ -350,6 +357,7 @@ def _load_trace(args):
 
 
 def _bandwidth_bench(args, device: torch.device) -> dict:
+    import torch
     from kvstore.integrations.vllm import BlockCopy, HostTierWorker
     from kvstore.spec import KVSpec
 

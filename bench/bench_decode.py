@@ -32,23 +32,10 @@ import math
 import time
 import traceback
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from kvstore.attn import paged_token_attention
-from kvstore.blocks import BlockPool
 from kvstore.errors import ConfigError
-from kvstore.pq.adc import adc_topk, lookup_tables
-from kvstore.pq.index import PQIndex
-from kvstore.pq.kmeans import KMeansConfig, kmeans
-from kvstore.pq.search_cuda import adc_topk_cuda
-from kvstore.spec import PRESETS, KVSpec
-from kvstore.transfer import BlockMover, H2D_PATHS
 
-from .baselines.pqcache_ref import PQCacheRef
 from .common import (
-    Progress, add_common_args, fraction, int_list, machine_info, nonnegative_int, positive_int, print_table, resolve_device,
+    PRESET_NAMES, Progress, add_common_args, fraction, int_list, machine_info, nonnegative_int, positive_int, print_table, resolve_device,
     time_fn, write_json,
 )
 
@@ -62,7 +49,7 @@ def _auto_or_ints(text: str) -> str | list[int]:
 
 
 def add_cli_args(parser) -> None:
-    parser.add_argument("--preset", default="auto", choices=["auto", *sorted(PRESETS)], help="KVSpec preset; auto: llama3-8b on CUDA, tiny on CPU")
+    parser.add_argument("--preset", default="auto", choices=["auto", *PRESET_NAMES], help="KVSpec preset; auto: llama3-8b on CUDA, tiny on CPU")
     parser.add_argument("--contexts", type=_auto_or_ints, default="auto",
                         help="comma-separated context lengths; auto: 32768,65536,131072 on CUDA, 2048,4096 on CPU")
     parser.add_argument("--batch", type=_auto_or_ints, default="auto", help="comma-separated batch sizes; auto: 1,8 on CUDA, 1,2 on CPU")
@@ -82,12 +69,16 @@ def add_cli_args(parser) -> None:
 
 # ------------------------------------------------------------------------------------ helpers
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _wall_ms(fn, device: torch.device, *, warmup: int, repeat: int) -> float:
     """Median wall-clock ms of ``fn(); synchronize`` (host work included, as a step pays it)."""
+    import numpy as np
+
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -112,6 +103,8 @@ def _guard(results: dict, key: str, fn):
 
 def _bandwidths(device: torch.device, args) -> dict:
     """Device copy (read + write bytes) and pinned host -> device copy, GB/s."""
+    import torch
+
     nbytes = (1 << 30) if device.type == "cuda" else (1 << 26)
     a = torch.empty(nbytes // 2, dtype=torch.int16, device=device).fill_(1)
     b = torch.empty_like(a)
@@ -130,6 +123,8 @@ class _Workload:
     """Topic-segment keys and values of one sequence (see the module docstring), on ``device``."""
 
     def __init__(self, spec: KVSpec, n: int, seed: int, device: torch.device) -> None:
+        import torch
+
         g = torch.Generator(device=device).manual_seed(seed)
         H, D, T = spec.num_kv_heads, spec.head_dim, 256
         lengths = torch.empty(n, device=device).exponential_(1 / 48, generator=g).long().clamp_min(1)
@@ -147,6 +142,8 @@ class _Workload:
 
     def query(self) -> torch.Tensor:
         """A decode query ``[Hq, D]`` recalling the current topic and two earlier ones."""
+        import torch
+
         spec, g = self.spec, self.g
         n = self.topic.shape[0]
         recall = self.topic[torch.randint(n, (2,), device=self.topic.device, generator=g)]
@@ -162,6 +159,11 @@ class _Config:
     """One (context, batch): pools, PQ indexes and per-step measurements."""
 
     def __init__(self, spec: KVSpec, n: int, batch: int, args, device: torch.device) -> None:
+        import torch
+        from kvstore.blocks import BlockPool
+        from kvstore.pq.index import PQIndex
+        from kvstore.pq.kmeans import KMeansConfig
+
         self.spec, self.n, self.batch, self.args, self.device = spec, n, batch, args, device
         bs = spec.block_size
         self.nb = n // bs
@@ -201,17 +203,24 @@ class _Config:
 
     # ---- search
     def tables(self, step: int) -> torch.Tensor:
+        from kvstore.pq.adc import lookup_tables
+
         spec = self.spec
         q = self.queries[step].reshape(self.batch * spec.num_kv_heads, spec.group_size, spec.head_dim)
         return lookup_tables(q, self.centroids)
 
     def search(self, step: int, backend: str) -> torch.Tensor:
         """Top-k ``[B*Hkv, topk]`` of one layer (tables included)."""
+        from kvstore.pq.adc import adc_topk
+        from kvstore.pq.search_cuda import adc_topk_cuda
+
         fn = adc_topk_cuda if backend == "cuda" else adc_topk
         return fn(self.codes, self.tables(step), self.topk, lo=self.lo, hi=self.hi, aggregate="sum", scale=self.scale)
 
     def positions(self, top: torch.Tensor) -> torch.Tensor:
         """Sinks + window + top-k -> sorted int32 ``[B, Hkv, budget]``."""
+        import torch
+
         B, H = self.batch, self.spec.num_kv_heads
         fixed = torch.cat([torch.arange(self.sinks, device=top.device), torch.arange(self.n - self.window, self.n, device=top.device)])
         pos = torch.cat([fixed.expand(B * H, -1), top], 1).sort(1).values
@@ -219,6 +228,8 @@ class _Config:
 
     # ---- attention
     def attend(self, step: int, pool: BlockPool, tables: torch.Tensor, positions: torch.Tensor) -> None:
+        from kvstore.attn import paged_token_attention
+
         q = self.queries[step].to(self.spec.dtype)
         for b in range(self.batch):
             paged_token_attention(
@@ -227,11 +238,15 @@ class _Config:
             )
 
     def dense(self, step: int) -> torch.Tensor:
+        import torch.nn.functional as F
+
         q = self.queries[step].to(self.spec.dtype)[:, :, None]  # [B, Hq, 1, D]
         return F.scaled_dot_product_attention(q, self.dense_k, self.dense_v, enable_gqa=True)
 
     def pqcache_search(self, ref: PQCacheRef, step: int) -> torch.Tensor:
         """pqcache_ref's scoring ops (gather of int64 codes, softmax, GQA sum, top-k) on this device."""
+        import torch
+
         H, m, k, dsub = ref.centroids.shape
         q = self.queries[step].float().view(self.batch, H, -1, m, dsub).transpose(2, 3)  # [B, H, m, G, dsub]
         table = torch.matmul(q, ref.centroids.transpose(-1, -2))  # [B, H, m, G, k]
@@ -244,6 +259,12 @@ class _Config:
 
 
 def _run_config(cfg: _Config, args, device: torch.device, bw: dict) -> dict:
+    import numpy as np
+    import torch
+    from kvstore.blocks import BlockPool
+    from kvstore.transfer import BlockMover
+    from .baselines.pqcache_ref import PQCacheRef
+
     spec, B, H, n = cfg.spec, cfg.batch, cfg.spec.num_kv_heads, cfg.n
     out: dict = {"context": n, "batch": B, "budget_tokens": cfg.budget, "topk": cfg.topk}
     timing = dict(warmup=args.warmup, repeat=args.repeat, device=device)
@@ -296,6 +317,8 @@ def _run_config(cfg: _Config, args, device: torch.device, bw: dict) -> dict:
 
 def _check_search(cfg: _Config, out: dict) -> None:
     """Fraction of the kernel's picks that the torch reference also picks (1.0 up to ties)."""
+    import torch
+
     a = cfg.search(0, "cuda").sort(1).values
     b = cfg.search(0, "torch").sort(1).values
     same = sum(int(torch.isin(a[r], b[r]).sum()) for r in range(a.shape[0]))
@@ -305,6 +328,11 @@ def _check_search(cfg: _Config, out: dict) -> None:
 def _device_tier(cfg: _Config, args, device: torch.device, backend: str, out: dict) -> None:
     """An LRU device tier of ``device_fraction`` x context per sequence over ``--steps`` decode
     steps: hit rate of the selected blocks, fetch time and the whole step (search, fetch, attention)."""
+    import numpy as np
+    import torch
+    from kvstore.blocks import BlockPool
+    from kvstore.transfer import BlockMover
+
     B, nb, spec = cfg.batch, cfg.nb, cfg.spec
     cap = max(1, int(args.device_fraction * nb))
     pool = BlockPool(spec, B * cap, device=device, name="device")
@@ -373,6 +401,11 @@ def _device_tier(cfg: _Config, args, device: torch.device, backend: str, out: di
 
 def _gather(spec: KVSpec, args, device: torch.device, bw: dict) -> list[dict]:
     """Scattered host -> device block copies by every path."""
+    import numpy as np
+    import torch
+    from kvstore.blocks import BlockPool
+    from kvstore.transfer import BlockMover, H2D_PATHS
+
     counts = args.gather_blocks
     rows = []
     n_host = 2 * max(counts)
@@ -401,6 +434,12 @@ def _gather(spec: KVSpec, args, device: torch.device, bw: dict) -> list[dict]:
 def _kmeans(spec: KVSpec, n: int, args, device: torch.device) -> dict:
     """One layer: k-means of every (head, subspace) by the torch path on ``device``, faiss (CPU) and
     pqcache_ref, next to the layer's causal prefill attention."""
+    import torch.nn.functional as F
+    import torch
+    from kvstore.pq.index import PQIndex
+    from kvstore.pq.kmeans import KMeansConfig, kmeans
+    from .baselines.pqcache_ref import PQCacheRef
+
     out: dict = {"tokens": n}
     H, D, M = spec.num_kv_heads, spec.head_dim, 4
     w = _Workload(spec, n, args.seed, device)
@@ -415,6 +454,7 @@ def _kmeans(spec: KVSpec, n: int, args, device: torch.device) -> dict:
         out["train_and_encode_torch_ms"] = t
     try:
         import faiss  # noqa: F401  (lazy: the GPU box has no faiss)
+
     except ImportError:
         out["kmeans_faiss_cpu_ms"] = None
         out["kmeans_faiss_note"] = "faiss not installed on this machine"
@@ -444,6 +484,8 @@ def _kmeans(spec: KVSpec, n: int, args, device: torch.device) -> dict:
 # --------------------------------------------------------------------------------------- main
 def _resolve(args, device: torch.device) -> tuple[KVSpec, int, list[int], list[int]]:
     """The spec (``--layers`` deep), the preset's real depth, the contexts and the batch sizes."""
+    from kvstore.spec import KVSpec
+
     defaults = _GPU_DEFAULTS if device.type == "cuda" else _CPU_DEFAULTS
     pick = lambda name: defaults[name] if getattr(args, name) == "auto" else getattr(args, name)  # noqa: E731
     preset = KVSpec.preset(pick("preset"))
@@ -456,6 +498,8 @@ def _resolve(args, device: torch.device) -> tuple[KVSpec, int, list[int], list[i
 
 
 def main(args) -> int:
+    import torch
+
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     spec, model_layers, contexts, batches = _resolve(args, device)

@@ -39,21 +39,10 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import numpy as np
-import torch
-
-from kvstore.attn import multi_segment_attention
 from kvstore.errors import ConfigError
-from kvstore.pq import PQConfig, metrics
-from kvstore.pq.select import SelectionConfig, resolve_budget, select_exact
-from kvstore.pq.synthetic import SyntheticConfig, SyntheticWorkload
-from kvstore.spec import PRESETS, KVSpec
-from kvstore.store import KVStore
-from kvstore.syncs import SyncCounter
 
-from .baselines.pqcache_ref import PQCacheRef
 from .common import (
-    Progress, add_common_args, comma_list, fraction_or_count, machine_info, names, nonnegative_int, plot_file, positive_float,
+    PRESET_NAMES, selection_defaults, Progress, add_common_args, comma_list, fraction_or_count, machine_info, names, nonnegative_int, plot_file, positive_float,
     positive_int, print_table, resolve_device, write_json,
 )
 
@@ -83,7 +72,7 @@ def _row_cache(text: str) -> int | float:
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="KVSpec preset (default: tiny on CPU, llama3-8b on CUDA)")
+    parser.add_argument("--preset", default=None, choices=PRESET_NAMES, help="KVSpec preset (default: tiny on CPU, llama3-8b on CUDA)")
     parser.add_argument("--layers", type=positive_int, default=None, help="layers of the model (default: the preset's; more than the preset has, e.g. 32 on tiny, scale it up)")
     parser.add_argument("--contexts", type=comma_list(positive_int), default=None,
                         help="comma-separated prompt lengths (default: 8192,32768 on CPU; 32768,131072 on CUDA)")
@@ -94,8 +83,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=names(MODES), default=list(MODES), help=f"comma-separated modes out of {', '.join(MODES)}")
     parser.add_argument("--subspaces", type=positive_int, default=4, help="PQ sub-vectors per head (kvstore)")
     parser.add_argument("--bits", type=positive_int, default=8, help="PQ bits per code (kvstore)")
-    parser.add_argument("--sinks", type=nonnegative_int, default=SelectionConfig.num_sinks, help="sink tokens always kept (pq, pq-codes, exact)")
-    parser.add_argument("--window", type=nonnegative_int, default=SelectionConfig.recent_window, help="recent tokens always kept (pq, pq-codes, exact)")
+    parser.add_argument("--sinks", type=nonnegative_int, default=None, help="sink tokens always kept (pq, pq-codes, exact) (default: SelectionConfig.num_sinks)")
+    parser.add_argument("--window", type=nonnegative_int, default=None, help="recent tokens always kept (pq, pq-codes, exact) (default: SelectionConfig.recent_window)")
     parser.add_argument(
         "--refine", type=_refine, default=REFINE,
         help="shortlist factor of pq's exact re-ranking (1: codes only, as pq-codes; 4 reaches the oracle's recall and moves ~2x more)",
@@ -128,6 +117,8 @@ class _Clock:
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
@@ -150,6 +141,9 @@ class _Workload(NamedTuple):
 
 
 def _workload(spec: KVSpec, context: int, steps: int, seed: int, device: torch.device) -> _Workload:
+    import torch
+    from kvstore.pq.synthetic import SyntheticConfig, SyntheticWorkload
+
     cfg = SyntheticConfig(
         num_kv_heads=spec.num_kv_heads, group_size=spec.group_size, head_dim=spec.head_dim,
         prompt_len=context, num_decode=steps, num_needles=min(8, steps), seed=seed,
@@ -184,6 +178,10 @@ def _store_for(mode: str, spec: KVSpec, blocks: int, device: torch.device, truth
     caller: sequence id -> ``[L, 2, T, Hkv, D]``) is what lossless recomputes from. Checks are
     deferred to the end of each step on every device, as on a GPU. The selecting modes read
     through a device row cache of ``row_cache`` slots per KV head and layer."""
+    from kvstore.pq import PQConfig
+    from kvstore.pq.select import SelectionConfig
+    from kvstore.store import KVStore
+
     if mode == "full":
         return KVStore(spec, device_blocks=blocks, device=device, defer_checks=True)
     if mode == "lossless":
@@ -201,6 +199,8 @@ def _store_for(mode: str, spec: KVSpec, blocks: int, device: torch.device, truth
 
 def _baseline_index(mode: str, spec: KVSpec, keys: torch.Tensor):
     """The selector of a baseline mode over ``keys: [Hkv, N, D]``: PQCache's, trained (None for exact)."""
+    from .baselines.pqcache_ref import PQCacheRef
+
     if mode != "pqcache-ref":
         return None
     index = PQCacheRef(spec.head_dim)
@@ -210,6 +210,9 @@ def _baseline_index(mode: str, spec: KVSpec, keys: torch.Tensor):
 
 def _select(mode: str, store: KVStore, seqs: list[int], data: list, indexes, layer: int, q: torch.Tensor, pos: int, budget, args, context: int) -> list[torch.Tensor]:
     """Per-head positions ``[Hkv, S]`` each sequence of the batch reads in ``layer`` (``q: [B, Hq, D]``)."""
+    import torch
+    from kvstore.pq.select import SelectionConfig, resolve_budget, select_exact
+
     if mode in ("pq", "pq-codes"):  # kvstore: the batch scored in one call
         return [sel.positions for sel in store.select_many(seqs, layer, q, [budget] * len(seqs))]
     if mode == "exact":  # the oracle: every key scored exactly
@@ -232,6 +235,13 @@ def run_context(spec: KVSpec, context: int, args, device: torch.device, modes: l
     seed) shares the store's tiers and is decoded together: each step appends one token to every
     sequence, and kvstore's selection scores the whole batch in one call per layer. The last step
     runs under a SyncCounter (untimed, no quality figures) to count the syncs per layer and step."""
+    import numpy as np
+    import torch
+    from kvstore.attn import multi_segment_attention
+    from kvstore.pq import metrics
+    from kvstore.pq.select import resolve_budget
+    from kvstore.syncs import SyncCounter
+
     bs, B = spec.block_size, args.batch
     total_blocks = B * spec.num_blocks(context + args.steps)
     budget = args.budget  # a fraction, or tokens
@@ -376,6 +386,10 @@ def _plot(results: list[dict], path: str) -> None:
 
 
 def main(args) -> int:
+    import torch
+    from kvstore.spec import KVSpec
+
+    selection_defaults(args)
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
     preset = args.preset or ("llama3-8b" if on_gpu else "tiny")

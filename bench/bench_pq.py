@@ -23,17 +23,10 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
 from kvstore.errors import ConfigError
-from kvstore.pq import metrics
-from kvstore.pq.index import PQIndex
-from kvstore.pq.select import SelectionConfig, resolve_budget, select_tokens
-from kvstore.pq.synthetic import SyntheticConfig, SyntheticWorkload
 
-from .baselines.pqcache_ref import PQCacheRef
 from .common import (
-    Progress, add_common_args, comma_list, fraction_or_count, machine_info, markdown_table, nonnegative_int, output_file,
+    selection_defaults, Progress, add_common_args, comma_list, fraction_or_count, machine_info, markdown_table, nonnegative_int, output_file,
     positive_int, print_table, resolve_device, time_fn, write_json,
 )
 
@@ -62,8 +55,8 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--budget", type=fraction_or_count, default=1 / 16,
                         help="selected tokens (sinks and window included): a fraction of the tokens, or a count")
     parser.add_argument("--decode-steps", type=positive_int, default=16, help="decode queries scored")
-    parser.add_argument("--sinks", type=nonnegative_int, default=SelectionConfig.num_sinks, help="sink tokens kept (kvstore)")
-    parser.add_argument("--window", type=nonnegative_int, default=SelectionConfig.recent_window, help="recent tokens kept (kvstore)")
+    parser.add_argument("--sinks", type=nonnegative_int, default=None, help="sink tokens kept (kvstore) (default: SelectionConfig.num_sinks)")
+    parser.add_argument("--window", type=nonnegative_int, default=None, help="recent tokens kept (kvstore) (default: SelectionConfig.recent_window)")
     parser.add_argument("--refine", type=comma_list(refine_factor, allow_empty=True), default="2,4",
                         help="comma-separated shortlist factors (> 1) of the exact re-ranking rows ('' for none)")
     parser.add_argument("--repeat", type=positive_int, default=20, help="timed repetitions of a search")
@@ -75,6 +68,8 @@ def add_cli_args(parser) -> None:
 
 def _check(args, budget: int) -> None:
     """Option combinations the run cannot use, before any work (ConfigError naming the values)."""
+    from .baselines.pqcache_ref import PQCacheRef
+
     bits = max(b for _, b in KVSTORE_PQ.values())
     for name, (M, _) in KVSTORE_PQ.items():
         if args.head_dim % M:
@@ -92,6 +87,8 @@ def _check(args, budget: int) -> None:
 
 def _quality(select, data: "object", budget: int, scale: float) -> dict:
     """Average selection quality over the decode steps; ``select(step) -> positions [Hkv, S]``."""
+    from kvstore.pq import metrics
+
     P = data.keys.shape[1] - data.queries.shape[0]
     keys, values = data.keys[:, :P], data.values[:, :P]
     rows = {"recall": [], "recall@64": [], "mass": [], "output_error": []}
@@ -113,6 +110,13 @@ def _quality(select, data: "object", budget: int, scale: float) -> dict:
 
 
 def main(args) -> int:
+    import torch
+    from kvstore.pq.index import PQIndex
+    from kvstore.pq.select import SelectionConfig, resolve_budget, select_tokens
+    from kvstore.pq.synthetic import SyntheticConfig, SyntheticWorkload
+    from .baselines.pqcache_ref import PQCacheRef
+
+    selection_defaults(args)
     device = resolve_device(args.device)
     cfg = SyntheticConfig(
         num_kv_heads=args.kv_heads, group_size=args.group, head_dim=args.head_dim,

@@ -13,19 +13,14 @@ import argparse
 import os
 import time
 
-import numpy as np
-import torch
-
 from kvstore.errors import ConfigError
-from kvstore.spec import PRESETS, KVSpec
-from kvstore.store import KVStore
 
-from .common import Progress, add_common_args, int_list, machine_info, positive_int, print_table, resolve_device, time_fn, write_json
+from .common import PRESET_NAMES, Progress, add_common_args, int_list, machine_info, positive_int, print_table, resolve_device, time_fn, write_json
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
-    parser.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS), help="KVSpec preset whose heads/head_dim/dtype are used")
+    parser.add_argument("--preset", default="llama3-8b", choices=PRESET_NAMES, help="KVSpec preset whose heads/head_dim/dtype are used")
     parser.add_argument("--layers", type=positive_int, default=4, help="layers kept from the preset (scaled to fit memory)")
     parser.add_argument("--contexts", type=int_list, default="32768", help="comma-separated context lengths in tokens")
     parser.add_argument("--chunk", type=positive_int, default=4096, help="prefill chunk size in tokens")
@@ -35,6 +30,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def _memory_bytes(device: torch.device) -> int:
     """Physical memory of ``device``: RAM for the CPU, the GPU's total memory for CUDA."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -43,6 +40,8 @@ def _memory_bytes(device: torch.device) -> int:
 def _check_memory(spec: KVSpec, contexts: list[int], args, device: torch.device) -> None:
     """Refuse, before any work, a context whose store (device + host tier) and prefill chunk
     cannot fit: the largest context allocates two tiers of its blocks (run_context)."""
+    import torch
+
     n = max(contexts)
     tier = (spec.num_blocks(n + args.decode_steps + args.repeat * 2) + 1) * spec.bytes_per_block
     chunk = spec.num_layers * 2 * args.chunk * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
@@ -61,6 +60,8 @@ def _gbps(nbytes: int, seconds: float) -> float:
 
 
 def _timed(fn, device: torch.device) -> float:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -71,6 +72,10 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def run_context(spec: KVSpec, n: int, args, device: torch.device) -> dict:
+    import numpy as np
+    import torch
+    from kvstore.store import KVStore
+
     g = torch.Generator().manual_seed(args.seed)
     nblocks = spec.num_blocks(n + args.decode_steps + args.repeat * 2)
     store = KVStore(spec, device_blocks=nblocks + 1, host_blocks=nblocks + 1, device=device)
@@ -116,6 +121,9 @@ def run_context(spec: KVSpec, n: int, args, device: torch.device) -> dict:
 
 def scattered_vs_contiguous(spec: KVSpec, args, device: torch.device, num_blocks: int = 2048) -> dict:
     """H2D bandwidth of ``num_blocks`` scattered host blocks (store.load) vs one contiguous pinned copy."""
+    import torch
+    from kvstore.store import KVStore
+
     store = KVStore(spec, device_blocks=num_blocks, host_blocks=2 * num_blocks, device=device)
     g = torch.Generator().manual_seed(args.seed)
     seq = store.create()
@@ -142,6 +150,8 @@ def scattered_vs_contiguous(spec: KVSpec, args, device: torch.device, num_blocks
 
 
 def main(args) -> int:
+    from kvstore.spec import KVSpec
+
     device = resolve_device(args.device)
     spec = KVSpec.preset(args.preset, num_layers=args.layers)
     contexts = args.contexts

@@ -338,6 +338,22 @@ def resolve_device(name: str) -> "torch.device":
     return validate.device(name, "--device")  # exists here (ConfigError naming it otherwise)
 
 
+#: the names of kvstore.spec.PRESETS, sorted, for ``--preset`` choices: listed here so that building a
+#: benchmark's options imports no torch (tests/test_cli.py keeps the two equal)
+PRESET_NAMES = ("llama3-70b", "llama3-8b", "qwen2.5-7b", "tiny")
+
+
+def selection_defaults(args) -> None:
+    """``--sinks`` / ``--window`` left unset take kvstore.pq.select.SelectionConfig's defaults,
+    read when the benchmark runs (its options are listed without importing torch)."""
+    from kvstore.pq.select import SelectionConfig
+
+    if args.sinks is None:
+        args.sinks = SelectionConfig.num_sinks
+    if args.window is None:
+        args.window = SelectionConfig.recent_window
+
+
 def add_common_args(parser, *, json_default: str | None = None) -> None:
     """Options every benchmark takes: --device, --seed, --json."""
     parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")

@@ -4,17 +4,22 @@ A block holds ``block_size`` consecutive tokens of one sequence for *every* laye
 its tensor shape is ``KVSpec.block_shape == (num_layers, 2, block_size, num_kv_heads, head_dim)``.
 Keeping a block's bytes contiguous across layers makes a tier move one contiguous copy per
 block; the per-layer view a kernel reads is a strided slice of the same pool.
+
+Importing this module does not import torch (the CLI lists presets and model costs without
+it): a KVSpec's dtype is checked, and :data:`PRESETS` built, on first use.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvstore import validate
 from kvstore.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["KVSpec", "ModelCost", "PRESETS", "MODEL_COSTS"]
 
@@ -33,9 +38,6 @@ def _require_positive(obj: object, **values: int) -> None:
         object.__setattr__(obj, name, v)  # a frozen dataclass: store the exact Python int
 
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 @dataclass(frozen=True, kw_only=True)
 class KVSpec:
     """Shape of a model's KV cache and how it is cut into blocks.
@@ -45,7 +47,7 @@ class KVSpec:
         num_kv_heads: KV heads per layer (Hkv).
         num_q_heads: query heads per layer (Hq); a multiple of num_kv_heads (GQA).
         head_dim: channels per head (D).
-        dtype: element type of K and V.
+        dtype: element type of K and V: float32, float16 or bfloat16 (None, the default: bfloat16).
         block_size: tokens per block.
     """
 
@@ -53,7 +55,7 @@ class KVSpec:
     num_kv_heads: int
     num_q_heads: int
     head_dim: int
-    dtype: torch.dtype = torch.bfloat16
+    dtype: torch.dtype | None = None
     block_size: int = 16
 
     def __post_init__(self) -> None:
@@ -70,8 +72,13 @@ class KVSpec:
                 f"KVSpec.num_q_heads={self.num_q_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
             )
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"KVSpec.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        import torch
+
+        dtypes = (torch.float32, torch.float16, torch.bfloat16)
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", torch.bfloat16)
+        if self.dtype not in dtypes:
+            raise ConfigError(f"KVSpec.dtype must be one of {dtypes}, got {self.dtype!r}")
 
     @property
     def group_size(self) -> int:
@@ -80,6 +87,8 @@ class KVSpec:
 
     @property
     def itemsize(self) -> int:
+        import torch
+
         return torch.empty((), dtype=self.dtype).element_size()
 
     @property
@@ -108,9 +117,9 @@ class KVSpec:
     def preset(cls, name: str, **overrides) -> "KVSpec":
         """A named model's spec, e.g. ``KVSpec.preset("llama3-8b", num_layers=4)``."""
         try:
-            base = PRESETS[name]
+            base = _presets()[name]
         except KeyError:
-            raise ConfigError(f"unknown KVSpec preset {name!r}; known: {sorted(PRESETS)}") from None
+            raise ConfigError(f"unknown KVSpec preset {name!r}; known: {sorted(_presets())}") from None
         return base.replace(**overrides) if overrides else base
 
 
@@ -150,13 +159,28 @@ class ModelCost:
         return dataclasses.replace(base, **overrides) if overrides else base
 
 
-PRESETS: dict[str, KVSpec] = {
-    "llama3-8b": KVSpec(num_layers=32, num_kv_heads=8, num_q_heads=32, head_dim=128),
-    "llama3-70b": KVSpec(num_layers=80, num_kv_heads=8, num_q_heads=64, head_dim=128),
-    "qwen2.5-7b": KVSpec(num_layers=28, num_kv_heads=4, num_q_heads=28, head_dim=128),
-    # CPU-test scale: Llama's GQA ratio (4) and head_dim 64, two layers, fp32.
-    "tiny": KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=8, head_dim=64, dtype=torch.float32),
-}
+def _presets() -> dict[str, KVSpec]:
+    """:data:`PRESETS`, built (importing torch) on first use."""
+    presets = globals().get("PRESETS")
+    if presets is None:
+        import torch
+
+        presets = globals()["PRESETS"] = {
+            "llama3-8b": KVSpec(num_layers=32, num_kv_heads=8, num_q_heads=32, head_dim=128),
+            "llama3-70b": KVSpec(num_layers=80, num_kv_heads=8, num_q_heads=64, head_dim=128),
+            "qwen2.5-7b": KVSpec(num_layers=28, num_kv_heads=4, num_q_heads=28, head_dim=128),
+            # CPU-test scale: Llama's GQA ratio (4) and head_dim 64, two layers, fp32.
+            "tiny": KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=8, head_dim=64, dtype=torch.float32),
+        }
+    return presets
+
+
+def __getattr__(name: str):
+    """``PRESETS`` (name -> KVSpec) on first use: its dtypes need torch."""
+    if name == "PRESETS":
+        return _presets()
+    raise AttributeError(f"module 'kvstore.spec' has no attribute {name!r}")
+
 
 MODEL_COSTS: dict[str, ModelCost] = {
     "llama3-8b": ModelCost(num_params=8.03e9, hidden_size=4096, num_layers=32),

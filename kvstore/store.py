@@ -448,6 +448,8 @@ class KVStore:
             raise ShapeError(f"fetch: positions must be a tensor [{Hkv}, S], got {shape}")
         if positions.dtype.is_floating_point or positions.dtype in (torch.bool, torch.complex64, torch.complex128):
             raise ShapeError(f"fetch: positions must be integers, got {positions.dtype}")
+        if positions.device != self.device and positions.device.type != "cpu":
+            raise ShapeError(f"fetch: positions on {positions.device}, expected the store's device ({self.device}) or the CPU")
         if positions.device != self.device:
             positions = positions.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else positions.to(self.device)
         positions = positions.long()
@@ -510,38 +512,62 @@ class KVStore:
         return multi_segment_attention(q, [(k.transpose(0, 1), v.transpose(0, 1))], causal_last=False, scale=scale)
 
     def _attend_all(self, seq: int, layer: int, q: torch.Tensor, n: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over the first ``n`` tokens of ``layer``, every block read in place. Blocks
-        not on the device come in chunks the device tier holds (what is resident first, then
-        host copies, then dropped blocks, so a chunk does not evict what the next one reads),
-        each chunk one segment in token order, merged by log-sum-exp; the blocks holding the
-        queries close the last chunk (the causal mask is bottom-right)."""
+        """Attention over the first ``n`` tokens of ``layer``.
+
+        A sequence the device tier holds is brought there whole (one :meth:`_ensure_device`:
+        host copies reloaded, dropped blocks recomputed, all or nothing) and read in place. A
+        longer one is read where it lies and changes no tier: its device blocks in place, the
+        others' layer-``layer`` rows in chunks of the device tier's size (host rows straight from
+        the host copy, dropped blocks recomputed and not kept, as :meth:`read` does), the blocks
+        holding the queries last (the causal mask is bottom-right), merged by log-sum-exp. The
+        blocks count as read once everything was read, so a recompute callable that raises or
+        returns a bad block in any chunk leaves the store exactly as it was.
+        """
         bs, room = self.spec.block_size, self.device_pool.num_slots
         ids = self._seq(seq).ids[: -(-n // bs)]
         b = self.blocks
         k_cache, v_cache = self.device_pool.layer_view(layer, 0), self.device_pool.layer_view(layer, 1)
-        n_tail = (n - 1) // bs - (n - q.shape[0]) // bs + 1  # blocks holding the queries
         if np.all(b.dev_slot[ids] >= 0) or ids.size <= room:
-            chunks = [np.arange(ids.size)]
-        else:
-            rest = np.arange(ids.size - n_tail)
-            rest = rest[np.argsort(b.tier[ids[rest]], kind="stable")]  # device, host, dropped
-            cut = room - n_tail  # the last chunk keeps room for the query blocks
-            chunks = [rest[i : i + room] for i in range(0, max(0, rest.size - cut), room)]
-            chunks.append(np.concatenate([rest[len(chunks) * room :], np.arange(ids.size - n_tail, ids.size)]))
-        outs, lses = [], []
-        for i, chunk in enumerate(chunks):
-            chunk = np.sort(chunk)  # token order within a chunk
-            self._ensure_resident_ids(ids[chunk])
-            last = i == len(chunks) - 1
-            last_tokens = min(n - int(chunk[-1]) * bs, bs)  # only the sequence's last block may be partial
-            segments = BlockSegments.build(b.dev_slot[ids[chunk]], [0, chunk.size], [last_tokens], block_size=bs, device=self.device)
-            out, lse = paged_attention(q, k_cache, v_cache, segments, causal_last=last, scale=scale)
-            outs.append(out)
-            lses.append(lse)
-        if len(outs) == 1:
-            return outs[0], lses[0]
-        out, lse = merge_states(torch.stack(outs, 1), torch.stack(lses, 1))
+            self._ensure_resident_ids(ids)
+            segments = BlockSegments.build(b.dev_slot[ids], [0, ids.size], [n - (ids.size - 1) * bs], block_size=bs, device=self.device)
+            return paged_attention(q, k_cache, v_cache, segments, causal_last=True, scale=scale)
+        tail = (n - q.shape[0]) // bs  # first block holding a query
+        body = np.arange(tail)
+        on_dev = body[b.dev_slot[ids[body]] >= 0]  # full blocks: only the sequence's last block may be partial
+        elsewhere = body[b.dev_slot[ids[body]] < 0]
+        states = []
+        if on_dev.size:
+            segments = BlockSegments.build(b.dev_slot[ids[on_dev]], [0, on_dev.size], [bs], block_size=bs, device=self.device)
+            states.append(paged_attention(q, k_cache, v_cache, segments, causal_last=False, scale=scale))
+        for i in range(0, elsewhere.size, room):
+            k, v = self._layer_rows(seq, layer, elsewhere[i : i + room], n)
+            states.append(multi_segment_attention(q, [(k, v)], causal_last=False, scale=scale))
+        k, v = self._layer_rows(seq, layer, np.arange(tail, ids.size), n)
+        states.append(multi_segment_attention(q, [(k, v)], causal_last=True, scale=scale))
+        self._touch(ids)
+        out, lse = merge_states(torch.stack([o for o, _ in states], 1), torch.stack([l for _, l in states], 1))
         return out.to(q.dtype), lse
+
+    def _layer_rows(self, seq: int, layer: int, index: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows ``[T, Hkv, D]`` of layer ``layer`` of the blocks at table indices ``index``
+        (their tokens below ``n``, in order), read where they lie: the device copy, else the host
+        copy, else recomputed (not kept). Changes nothing (not an access)."""
+        bs = self.spec.block_size
+        starts = index * bs
+        counts = np.minimum(bs, n - starts)
+        first_row = np.cumsum(counts) - counts
+        tokens = np.repeat(starts - first_row, counts) + np.arange(int(counts.sum()))
+        positions = torch.from_numpy(tokens).to(self.device).expand(self.spec.num_kv_heads, -1).contiguous()
+        dev_slot, host_slot = self._device_table(seq)
+        k, v = self.mover.gather_rows(self.device_pool, self.host_pool, layer, dev_slot, host_slot, positions, num_tokens=n)
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
+        ids = self._seqs[seq].ids[index]
+        gone = np.flatnonzero((self.blocks.dev_slot[ids] < 0) & (self.blocks.host_slot[ids] < 0))
+        for j in gone.tolist():
+            kv = self._recompute_block(int(ids[j]))
+            rows = slice(int(first_row[j]), int(first_row[j] + counts[j]))
+            k[rows], v[rows] = kv[layer, 0, : counts[j]], kv[layer, 1, : counts[j]]
+        return k, v
 
     def end_step(self) -> None:
         """Close a decode step: read every deferred check and the step's attention reads at once

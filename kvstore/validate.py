@@ -22,18 +22,26 @@ Each function takes the error class to raise (a :class:`~kvstore.errors.KVStoreE
 subclass) so that a caller keeps its documented class: ConfigError at construction,
 OutOfRangeError for a layer or block id, ShapeError for an array of the wrong dtype. The
 functions change nothing, so a caller that validates first leaves its state as it was.
+
+Importing this module does not import torch (``kvstore --help`` builds its parsers through it):
+a value can only be a tensor once torch was imported, so the tensor checks look for torch in
+``sys.modules``, and :func:`device` and :func:`tier_bytes` import it when called.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from kvstore.errors import ConfigError, KVStoreError, OutOfRangeError, ShapeError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "INT64_MAX",
@@ -67,11 +75,17 @@ def show(value: object) -> str:
     included), anything else by its ``repr``, cut to 60 characters."""
     if is_integer(value):
         return str(int(value))  # type: ignore[arg-type]
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         text = f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
     else:
         text = repr(value)
     return text if len(text) <= _SHOW_CHARS else text[: _SHOW_CHARS - 3] + "..."
+
+
+def _is_tensor(value: object) -> bool:
+    """A torch.Tensor (False without importing torch: none can exist before it is imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def is_integer(value: object) -> bool:
@@ -165,6 +179,8 @@ def device(
     """``value`` (a ``torch.device`` or a string such as ``"cpu"``, ``"cuda:1"``) as a
     torch.device of one of ``types`` that exists here: a CUDA device needs CUDA and an index
     below the device count."""
+    import torch
+
     if not isinstance(value, (str, torch.device)):
         raise error(f"{what} must be a torch.device or a string such as 'cpu' or 'cuda:0', got {show(value)}")
     try:
@@ -181,7 +197,7 @@ def device(
     return dev
 
 
-def tier_bytes(num_slots: int, bytes_per_slot: int, dev: torch.device, what: str, *, error: type[KVStoreError] = ConfigError) -> int:
+def tier_bytes(num_slots: int, bytes_per_slot: int, dev: "torch.device", what: str, *, error: type[KVStoreError] = ConfigError) -> int:
     """Bytes of a tier of ``num_slots`` slots on ``dev`` (``num_slots * bytes_per_slot``),
     refused when they exceed the memory there is: the machine's physical memory for a CPU
     tier, the GPU's total memory for a CUDA one (a meta tier holds no bytes). The tier is
@@ -191,6 +207,8 @@ def tier_bytes(num_slots: int, bytes_per_slot: int, dev: torch.device, what: str
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         where = "this machine's memory"
     elif dev.type == "cuda":
+        import torch
+
         have = torch.cuda.get_device_properties(dev).total_memory
         where = f"the memory of {dev}"
     else:
@@ -203,7 +221,7 @@ def tier_bytes(num_slots: int, bytes_per_slot: int, dev: torch.device, what: str
     return total
 
 
-_TORCH_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+_TORCH_INTS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
 def index_array(
@@ -217,8 +235,8 @@ def index_array(
     ``type_error`` naming it; values outside ``[lo, hi)`` raise ``error`` naming (up to 8 of)
     them exactly. ``lo >= -2**63`` and ``hi <= 2**63``.
     """
-    if isinstance(values, torch.Tensor):
-        if values.dtype not in _TORCH_INTS:
+    if _is_tensor(values):
+        if str(values.dtype).removeprefix("torch.") not in _TORCH_INTS:
             raise type_error(f"{what} must be integers, got a tensor of dtype {values.dtype}")
         arr = values.detach().cpu().numpy().reshape(-1)
     elif isinstance(values, np.ndarray):

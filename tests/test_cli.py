@@ -58,7 +58,39 @@ def test_long_context_help_keeps_the_mode_list_and_names_each_default_once():
         assert any(line.startswith(f"  {mode} ") for line in lines), mode
     text = " ".join(proc.stdout.split())
     assert "(default: tiny on CPU, llama3-8b on CUDA)" in text and "(default: None)" not in text.split("--preset")[1].split("--layers")[0]
-    assert "--sinks SINKS sink tokens always kept (pq, pq-codes, exact) (default: 4)" in text
+    assert "--sinks SINKS sink tokens always kept (pq, pq-codes, exact) (default: SelectionConfig.num_sinks)" in text
+
+
+_HEAVY = ("torch", "vllm", "matplotlib", "rich", "numpy", "lmcache")
+#: replay lists the policy registry (kvstore/evict, numpy arrays throughout): numpy, 0.1 s, is allowed there
+_ALLOWED = {"replay": {"numpy"}}
+
+
+@pytest.mark.parametrize("command", [[], ["bench"], ["replay"], *(["bench", name] for name in cli.BENCHMARKS)])
+def test_every_help_imports_nothing_heavy(command):
+    """``python -m kvstore [COMMAND] --help`` builds the whole parser of that command (its
+    benchmark module imported, every option added) without importing torch, numpy, vllm, rich
+    or matplotlib: the cause of a slow ``--help``, checked instead of a timing."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['kvstore', *{command!r}, '--help']\n"
+        "try:\n"
+        "    runpy.run_module('kvstore', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({_HEAVY!r})), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: kvstore" in proc.stdout
+    allowed = _ALLOWED.get(command[-1] if command else "", set())
+    assert set(eval(proc.stderr.strip().splitlines()[-1])) <= allowed, proc.stderr
+
+
+def test_preset_names_for_the_options_are_the_specs_presets():
+    from kvstore.spec import PRESETS
+
+    assert tuple(import_bench("common").PRESET_NAMES) == tuple(sorted(PRESETS))
 
 
 def test_installed_console_script_runs_outside_the_checkout(tmp_path):

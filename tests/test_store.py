@@ -436,6 +436,75 @@ def test_attend_every_token_equals_dense_attention_whatever_the_tiers(attn_spec,
     store.check()
 
 
+class FailsLater(Truth):
+    """A recompute callable that works ``ok`` times, then misbehaves as ``fault``: raises, returns
+    a block of the wrong shape, or one holding a NaN."""
+
+    def __init__(self, ok: int, fault: str) -> None:
+        super().__init__()
+        self.ok, self.fault = ok, fault
+
+    def __call__(self, seq: int, start: int, n: int) -> torch.Tensor:
+        kv = super().__call__(seq, start, n)
+        if len(self.calls) <= self.ok:
+            return kv
+        if self.fault == "raise":
+            raise RuntimeError("the engine failed")
+        if self.fault == "shape":
+            return kv[:, :, :1]
+        return kv.index_fill(2, torch.tensor([0]), float("nan"))
+
+
+def _exact_state(store: KVStore):
+    """Bookkeeping, policy order and both pools' bytes (after the copies in flight landed), read
+    without touching anything."""
+    b, n = store.blocks, store._next_id
+    for pool in (store.device_pool, store.host_pool):
+        store.mover.wait_writes(pool)
+    meta = (
+        [getattr(b, f)[:n].tolist() for f in ("dev_slot", "host_slot", "tier", "filled", "last_access", "access_count")],
+        [p._free[: p.num_free].tolist() for p in (store.device_pool, store.host_pool)],
+        [p.victims(len(p)).tolist() for p in (store.device_policy, store.host_policy)],
+        store._clock,
+    )
+    return meta, [p.kv.clone() for p in (store.device_pool, store.host_pool)]
+
+
+@pytest.mark.parametrize("fault", ["raise", "shape", "nan"])
+@pytest.mark.parametrize("ok", [0, 2, 3])
+def test_attend_every_token_is_all_or_nothing_when_recompute_fails_in_a_later_chunk(attn_spec, fault, ok):
+    """A sequence three times the device tier, with blocks on every tier: attention reads it in
+    several chunks. A recompute that fails at its ``ok + 1``-th call (a later chunk) raises that
+    error and leaves the store exactly as it was: bookkeeping, policy order, pool bytes."""
+    truth = FailsLater(ok=10**9, fault=fault)
+    store = KVStore(attn_spec, device_blocks=4, host_blocks=5, recompute=truth, device="cpu")
+    s = store.create()
+    kv = random_kv(attn_spec, 46, seed=47)
+    truth.kv[s] = kv
+    for start in range(0, 46, 8):
+        store.append(s, kv[:, 0, start : start + 8], kv[:, 1, start : start + 8])
+    store.drop(store.block_table(s)[9:10])  # a dropped block past the first chunk too
+    tiers = store.residency(store.block_table(s))
+    assert {int(t) for t in tiers} == {BlockInfo.TIER_DEVICE, BlockInfo.TIER_HOST, BlockInfo.TIER_NONE}
+    assert np.flatnonzero(tiers == BlockInfo.TIER_NONE).tolist() == [0, 1, 2, 9]
+    q = torch.randn(2, attn_spec.num_q_heads, attn_spec.head_dim, generator=torch.Generator().manual_seed(48))
+    before = _exact_state(store)
+    truth.calls.clear()
+    truth.ok = ok
+    with pytest.raises(RuntimeError if fault == "raise" else ShapeError if fault == "shape" else NonFiniteError):
+        store.attend(s, 1, q)
+    meta, pools = _exact_state(store)
+    assert meta == before[0], "a failed attend changed the store's bookkeeping"
+    for got, was in zip(pools, before[1]):
+        assert torch.equal(got.view(torch.int32), was.view(torch.int32)), "a failed attend changed a pool"
+    store.check()
+    truth.ok = 10**9  # the same call with a working callable then succeeds, exactly
+    out, _ = store.attend(s, 1, q)
+    ref, _ = multi_segment_attention(q, [(kv[1, 0], kv[1, 1])], causal_last=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    store.check()
+
+
 def test_attend_to_a_selection_equals_attention_over_those_tokens(attn_spec):
     truth = Truth()
     store = KVStore(attn_spec, device_blocks=12, host_blocks=12)

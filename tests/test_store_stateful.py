@@ -11,9 +11,11 @@ dropped) and one without (nothing may ever be lost).
 
 In lossless mode the recompute callable also misbehaves on purpose (it raises, returns a block
 of the wrong shape or dtype, or one holding NaN) while an operation needs a dropped block
-(ensure_resident, append into a dropped partial block, fork, read): the operation must fail
-with that error and leave everything observable as it was, down to the tiers and the policies'
-eviction order.
+(ensure_resident, append into a dropped partial block, fork, read, attention over every token,
+also after it worked for the first blocks of the call: a later chunk of a sequence longer than
+the device tier): the operation must fail with that error and leave everything observable as it
+was, down to the tiers and the policies' eviction order. Attention over every token that works
+equals dense attention over the model's K/V.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
+from kvstore.attn import multi_segment_attention
 from kvstore.errors import KVStoreError, NonFiniteError, ShapeError
 from kvstore.evict.base import BlockInfo
 from kvstore.spec import KVSpec
@@ -32,9 +35,9 @@ from kvstore.store import KVStore
 
 pytestmark = pytest.mark.usefixtures("copy_streams")  # every test with immediate and with late copies
 
-SPEC = KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=4, head_dim=4, dtype=torch.float32, block_size=4)
+SPEC = KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=4, head_dim=64, dtype=torch.float32, block_size=4)  # a head_dim attention takes
 STEPS = {"count": 0}
-FAULTS = {"count": 0}
+FAULTS = {"count": 0, "attend": 0, "attend_chunks": 0}
 
 
 class EngineFailure(Exception):
@@ -58,10 +61,14 @@ class StoreMachine(RuleBasedStateMachine):
         self.truth: dict[int, torch.Tensor] = {}  # seq -> [L, 2, n, Hkv, D], the model
         self.rng = torch.Generator().manual_seed(0)
         self.fault: str | None = None
+        self.spare = 0  # calls that still work while a fault is set
 
     def _recompute(self, seq: int, start: int, n: int) -> torch.Tensor:
         kv = self.truth[seq][:, :, start : start + n].clone()
         if self.fault is None:
+            return kv
+        if self.spare > 0:
+            self.spare -= 1
             return kv
         if self.fault == "raise":
             raise EngineFailure(f"recompute({seq}, {start}, {n}) failed")
@@ -130,7 +137,7 @@ class StoreMachine(RuleBasedStateMachine):
             with pytest.raises(FAULTY[fault][1]):
                 fn()
         finally:
-            self.fault = None
+            self.fault, self.spare = None, 0
         assert self._observable() == before, f"a recompute fault ({fault}) changed the store"
         FAULTS["count"] += 1
 
@@ -241,6 +248,42 @@ class StoreMachine(RuleBasedStateMachine):
         }
         self._fails(fault, calls[op])
 
+    def _queries(self, tq: int) -> torch.Tensor:
+        return torch.randn(tq, SPEC.num_q_heads, SPEC.head_dim, generator=self.rng)
+
+    @precondition(lambda self: any(kv.shape[2] for kv in self.truth.values()))
+    @rule(data=st.data(), layer=st.integers(0, SPEC.num_layers - 1), tq=st.integers(1, 3))
+    def attend_every_token(self, data, layer: int, tq: int) -> None:
+        s = data.draw(st.sampled_from([s for s in sorted(self.truth) if self.truth[s].shape[2]]))
+        kv = self.truth[s][layer]
+        q = self._queries(min(tq, kv.shape[1]))
+        result = []
+        if self._attempt(lambda: result.append(self.store.attend(s, layer, q))):
+            ref, ref_lse = multi_segment_attention(q, [(kv[0], kv[1])], causal_last=True)
+            torch.testing.assert_close(result[0][0], ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(result[0][1], ref_lse, rtol=1e-5, atol=1e-5)
+
+    @precondition(lambda self: hasattr(self, "store") and self.store.recompute is not None and any(kv.shape[2] for kv in self.truth.values()))
+    @rule(data=st.data(), fault=st.sampled_from(sorted(FAULTY)), layer=st.integers(0, SPEC.num_layers - 1))
+    def attend_every_token_while_recompute_fails(self, data, fault: str, layer: int) -> None:
+        """Some of the sequence's blocks dropped first; the callable works for the first
+        ``spare`` of them (a later chunk fails when the sequence outgrows the device tier)."""
+        st_ = self.store
+        s = data.draw(st.sampled_from([s for s in sorted(self.truth) if self.truth[s].shape[2]]))
+        grow = st_.device_pool.num_slots * SPEC.block_size + 1 - self.truth[s].shape[2]
+        if grow > 0 and data.draw(st.booleans()):  # longer than the device tier: several chunks
+            kv = self._kv(grow)
+            if self._attempt(lambda: st_.append(s, kv[:, 0], kv[:, 1])):
+                self.truth[s] = torch.cat([self.truth[s], kv], dim=2)
+        table = st_.block_table(s).numpy()
+        st_.drop(table[sorted(data.draw(st.sets(st.integers(0, table.size - 1), min_size=1)))])
+        dropped = int((st_.residency(table) == BlockInfo.TIER_NONE).sum())
+        spare = data.draw(st.integers(0, dropped - 1))
+        q = self._queries(1)
+        self._fails(fault, lambda: (setattr(self, "spare", spare), st_.attend(s, layer, q)))
+        FAULTS["attend"] += 1
+        FAULTS["attend_chunks"] += int(table.size > st_.device_pool.num_slots)
+
     @precondition(lambda self: self.truth)
     @rule(data=st.data())
     def fork(self, data) -> None:
@@ -279,7 +322,8 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 def test_store_state_machine():
-    STEPS["count"] = FAULTS["count"] = 0
+    STEPS["count"] = 0
+    FAULTS.update(count=0, attend=0, attend_chunks=0)
     run_state_machine_as_test(
         StoreMachine,
         settings=settings(
@@ -292,3 +336,4 @@ def test_store_state_machine():
     )
     assert STEPS["count"] >= 2000, f"only {STEPS['count']} steps ran"
     assert FAULTS["count"] >= 50, f"only {FAULTS['count']} operations ran into a failing recompute"
+    assert FAULTS["attend_chunks"] >= 5, f"only {FAULTS} attention calls (over several chunks) ran into one"

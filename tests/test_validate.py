@@ -325,6 +325,91 @@ def test_kv_that_requires_grad_is_refused():
     assert not store.device_pool.kv.requires_grad
 
 
+def bad_tensor(shape: tuple[int, ...]):
+    """``(make, error, named)``: ``make(good)`` turns a good tensor of ``shape`` into a bad one
+    (wrong dtype, shape, device, requires grad, a NaN or Inf, or no tensor at all), which the
+    store refuses with ``error`` naming ``named``."""
+    def reshaped(dim, delta):
+        def make(t):
+            size = list(t.shape)
+            size[dim] = max(size[dim] + delta, 0) if size[dim] + delta != size[dim] else size[dim] + 1
+            return torch.ones(size, dtype=t.dtype)
+        return make
+
+    def nonfinite(value, where):
+        def make(t):
+            t = t.clone()
+            t.view(-1)[where % t.numel()] = value
+            return t
+        return make
+
+    dims = len(shape)
+    return st.one_of(
+        st.sampled_from([torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool]).map(
+            lambda dt: (lambda t: t.to(dt), ShapeError, "dtype")),
+        st.tuples(st.integers(1 if shape[0] is None else 0, dims - 1), st.sampled_from([-1, 1, 3])).filter(
+            lambda c: shape[c[0]] is not None).map(lambda c: (reshaped(*c), ShapeError, "shape")),
+        st.just((lambda t: t[0], ShapeError, "shape")),
+        st.just((lambda t: t[None], ShapeError, "shape")),
+        st.just((lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), ShapeError, "meta")),
+        st.just((lambda t: t.clone().requires_grad_(), ShapeError, "requires grad")),
+        st.tuples(st.sampled_from([float("nan"), float("inf"), -float("inf")]), st.integers(0, 10**6)).map(
+            lambda c: (nonfinite(*c), NonFiniteError, "NaN/Inf")),
+        st.sampled_from([lambda t: t.tolist(), lambda t: t.numpy(), lambda t: None]).map(lambda f: (f, ShapeError, "")),
+    )
+
+
+@PROPERTY
+@given(data=st.data(), per_layer=st.booleans(), which=st.sampled_from(["k", "v", "both"]), t=st.integers(1, 6))
+def test_bad_kv_tensors_are_refused_by_append(data, per_layer, which, t):
+    """K/V of a wrong dtype, shape or device, that require grad, hold NaN/Inf or are no tensor:
+    a typed error naming the fault, and the store (pools included) as it was."""
+    store, (_, b), _, _, _ = world()
+    kv = random_kv(SPEC, t, seed=10)
+    shape = (None, SPEC.num_kv_heads, SPEC.head_dim) if per_layer else (SPEC.num_layers, None, SPEC.num_kv_heads, SPEC.head_dim)
+    make, error, named = data.draw(bad_tensor(shape))
+    k, v = (kv[0, 0], kv[0, 1]) if per_layer else (kv[:, 0], kv[:, 1])
+    k = make(k) if which in ("k", "both") else k
+    v = make(v) if which in ("v", "both") else v
+    kwargs = {"layer": 0} if per_layer else {}
+    refused(store, lambda: store.append(b, k, v, **kwargs), named if which != "v" or named != "shape" else "", error)
+
+
+@PROPERTY
+@given(data=st.data(), tq=st.integers(1, 3), layer=st.integers(0, SPEC.num_layers - 1))
+def test_bad_queries_and_positions_are_refused_by_attend_and_fetch(data, tq, layer):
+    store, (a, _), pq_store, trained, _ = world()
+    attn_store, s = attention_world()
+    q = torch.randn(tq, SPEC.num_q_heads, 64, generator=torch.Generator().manual_seed(11))
+    # queries are read, not stored: one that requires grad is taken (the output then does)
+    make, error, _ = data.draw(bad_tensor((None, SPEC.num_q_heads, 64)).filter(lambda c: c[2] != "requires grad"))
+    bad_q = make(q)
+    refused(attn_store, lambda: attn_store.attend(s, layer, bad_q), "", error)
+    positions = torch.zeros(SPEC.num_kv_heads, 3, dtype=torch.int64)  # integers cannot require grad
+    make, _, _ = data.draw(bad_tensor((SPEC.num_kv_heads, None)).filter(lambda c: c[1] is ShapeError and c[2] not in ("dtype", "requires grad")))
+    refused(store, lambda: store.fetch(a, layer, make(positions)), "", ShapeError)
+    refused(store, lambda: store.fetch(a, layer, positions.double()), "integers", ShapeError)
+    # select only scores its queries (nothing of them is stored): any float dtype, and one that
+    # requires grad, is taken as it is; the rest is refused
+    qs = torch.ones(SPEC.num_q_heads, SPEC.head_dim)
+    make, error, _ = data.draw(bad_tensor((SPEC.num_q_heads, SPEC.head_dim)).filter(lambda c: c[2] not in ("dtype", "requires grad")))
+    refused(pq_store, lambda: pq_store.select(trained, layer, make(qs), 4), "", error)
+
+
+@functools.lru_cache(maxsize=None)
+def attention_world():
+    """A store with a head_dim attention takes, its sequence on the device, in the host tier and dropped."""
+    spec = SPEC.replace(head_dim=64)
+    truth = Recompute()
+    store = KVStore(spec, device_blocks=3, host_blocks=2, recompute=truth, device=CPU)
+    s = store.create()
+    truth.kv[s] = random_kv(spec, 22, seed=12)
+    for start in range(0, 22, 4):
+        store.append(s, truth.kv[s][:, 0, start : start + 4], truth.kv[s][:, 1, start : start + 4])
+    assert {int(t) for t in store.residency(store.block_table(s))} == {0, 1, 3}
+    return store, s
+
+
 @pytest.mark.parametrize("heads", [SPEC.num_kv_heads, 2 * SPEC.num_q_heads, SPEC.num_q_heads + 1, 1])
 def test_query_heads_must_equal_the_specs_trained_or_not(heads):
     _, _, pq_store, trained, untrained = world()
