@@ -18,8 +18,9 @@ Why this form:
 
 - It is Greedy-Dual (Young 1994; Cao & Irani 1997): each block holds credit ``c_b`` on top
   of the clock ``L``; every eviction raises ``L`` to the victim's score, so a block not read
-  for a while is overtaken by fresher ones. With equal costs it is exactly LRU, and for
-  weighted paging it is k-competitive, the best any online policy can guarantee. A block
+  for a while is overtaken by fresher ones. Plain Greedy-Dual with equal costs is exactly
+  LRU (the reuse term below makes asym differ even then: it is LRU only when every cost is
+  zero); for weighted paging Greedy-Dual is k-competitive, the best any online policy can guarantee. A block
   worth twice as much survives twice as much clock advance after its last read.
 - ``c_b`` is the real price of a miss in seconds: position-aware recompute (linear FLOPs +
   attention over ``p`` earlier tokens) or, when the tier below holds a copy (finite
