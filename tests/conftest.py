@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -36,3 +38,20 @@ def redis_server(tmp_path):
     server = RedisServer(require_redis(), tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nvrtc():
+    """cupy's NVRTC bindings with the library loaded (the `test` extra installs it: compiling
+    csrc/ needs no GPU). Missing, the test is skipped, or fails where ``KVSTORE_REQUIRE_NVRTC=1``
+    (``.ci/run`` sets it: the kernels' compile checks must run there)."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc as lib
+
+        lib.getVersion()  # loads libnvrtc, or raises
+    except Exception as exc:  # ImportError, or the library not found
+        msg = f"NVRTC unavailable ({type(exc).__name__}: {exc}); `pip install -e '.[test]'` installs it"
+        if os.environ.get("KVSTORE_REQUIRE_NVRTC") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return lib

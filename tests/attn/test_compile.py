@@ -28,8 +28,7 @@ def _cuda_include() -> Path | None:
     return next((c for c in candidates if (c / "cuda_bf16.h").is_file()), None)
 
 
-def test_kernel_compiles_with_nvrtc():
-    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+def test_kernel_compiles_with_nvrtc(nvrtc):
     include = _cuda_include()
     if include is None:
         pytest.skip("no CUDA headers (cuda_bf16.h) found")
