@@ -10,8 +10,9 @@ word-level tokenizer whose word ``wN`` is token ``N``): no download, and unlike 
 ``load_format="dummy"`` (uniform +-1e-3 weights) its output depends on its context, so a wrong
 KV block changes tokens and logprobs.
 
-The benchmark replays the first requests of a Mooncake-format trace (``hash_ids``: one hash per
-block of prompt; equal hash, equal tokens) one after another, each prompt built from its blocks
+The benchmark replays requests of a Mooncake-format trace (``hash_ids``: one hash per block of
+prompt; equal hash, equal tokens) one after another: by default a conversation-sampled miniature
+of the whole trace (:func:`trace_prompts`), since its first minutes hold no follow-up turns; each prompt built from its blocks
 (``--tokens-per-block`` tokens per trace block, a seeded random word per token keyed by the
 hash, so requests sharing a hash prefix share a token prefix). Rows: vLLM alone (its GPU prefix
 cache only), vLLM + KVStoreConnector (host tier beneath it) and, where it runs on this platform,
@@ -289,20 +290,42 @@ def _worker() -> None:
 BENCH_MODEL = TinyLlama(hidden=512, layers=6, heads=8, kv_heads=4, intermediate=1536, vocab=2048, seed=1)
 
 
-def trace_prompts(path: str | Path, n: int, tokens_per_block: int, max_blocks: int, vocab: int, first_word: int, seed: int = 0) -> list[dict[str, Any]]:
-    """The first ``n`` requests of a Mooncake trace as token prompts: block hash ``h`` becomes
+def trace_prompts(path: str | Path, n: int, tokens_per_block: int, max_blocks: int, vocab: int, first_word: int, seed: int = 0,
+                  *, window: str = "sample") -> list[dict[str, Any]]:
+    """``n`` requests of a Mooncake trace as token prompts: block hash ``h`` becomes
     ``tokens_per_block`` words drawn by a generator seeded with (``seed``, ``h``), so equal hashes
-    give equal tokens; prompts keep their first ``max_blocks`` blocks."""
+    give equal tokens; prompts keep their first ``max_blocks`` blocks.
+
+    ``window="first"`` takes the trace's first ``n`` requests. ``"sample"`` takes a miniature of
+    the whole trace: whole conversations, each kept with probability ``n / len(trace)`` (seeded by
+    its key), their requests in trace order, at most ``n``. Spatial sampling as in SHARDS
+    (Waldspurger et al., FAST'15), by conversation instead of by key so that every kept request
+    keeps its whole prefix chain: a conversation's turns stay in order while the requests between
+    them thin out by the sampling rate, so reuse distances shrink by it too. (A trace's follow-up
+    turns arrive hundreds of requests later, so its first few hundred requests share almost
+    nothing.) A conversation is named by the first block after the prefix every request shares
+    (the system prompt)."""
     import numpy as np
 
-    out = []
     with open(path) as f:
-        for line, _ in zip(f, range(n)):
-            req = json.loads(line)
-            hashes = req["hash_ids"][:max_blocks]
-            tokens = [int(t) for h in hashes
-                      for t in np.random.default_rng([seed, h]).integers(first_word, vocab, tokens_per_block)]
-            out.append({"tokens": tokens, "output_length": int(req["output_length"])})
+        reqs = [json.loads(line) for line in f if line.strip()]
+    if window == "first":
+        reqs = reqs[:n]
+    else:
+        common = len(os.path.commonprefix([r["hash_ids"] for r in reqs]))
+        rate = min(1.0, n / len(reqs))
+
+        def kept(req: dict[str, Any]) -> bool:
+            key = req["hash_ids"][common] if len(req["hash_ids"]) > common else -1
+            return np.random.default_rng([seed, key % 2**63]).random() < rate
+
+        reqs = [r for r in reqs if kept(r)][:n]
+    out = []
+    for req in reqs:
+        hashes = req["hash_ids"][:max_blocks]
+        tokens = [int(t) for h in hashes
+                  for t in np.random.default_rng([seed, h]).integers(first_word, vocab, tokens_per_block)]
+        out.append({"tokens": tokens, "output_length": int(req["output_length"])})
     return out
 
 
@@ -331,7 +354,10 @@ def _row(name: str, steps: list[dict[str, Any]], wall: float, host_bytes: int) -
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default="../shared/traces/mooncake_conversation.jsonl", help="Mooncake-format JSONL trace")
-    parser.add_argument("--requests", type=int, default=200, help="replay the trace's first N requests")
+    parser.add_argument("--requests", type=int, default=200, help="replay N requests of the trace (see --window)")
+    parser.add_argument("--window", choices=("sample", "first"), default="sample",
+                        help="sample: whole conversations sampled at rate N/len(trace), a miniature of the whole trace "
+                             "(SHARDS-style); first: the trace's first N requests")
     parser.add_argument("--tokens-per-block", type=int, default=32,
                         help="tokens per trace block (Mooncake's are 512; shortened to vLLM's block, so a shared hash is a shared vLLM block)")
     parser.add_argument("--max-blocks", type=int, default=32, help="keep a prompt's first N trace blocks (keeps a row to minutes)")
@@ -349,7 +375,7 @@ def main(args: argparse.Namespace) -> int:
 
     s = BENCH_MODEL
     block = CPU_BLOCK_MULTIPLE
-    prompts = trace_prompts(args.trace, args.requests, args.tokens_per_block, args.max_blocks, s.vocab, s.first_word)
+    prompts = trace_prompts(args.trace, args.requests, args.tokens_per_block, args.max_blocks, s.vocab, s.first_word, window=args.window)
     longest = max(len(p["tokens"]) for p in prompts) + args.max_tokens
     max_len = -(-longest // block) * block
     block_bytes = s.layers * 2 * block * s.kv_heads * s.head_dim * 4  # float32 K and V of one block
@@ -389,7 +415,7 @@ def main(args: argparse.Namespace) -> int:
     Console().print(table)
     for name, why in skipped.items():
         print(f"{name}: did not run: {why}")
-    result = {"model": asdict(s), "requests": len(prompts), "tokens_per_block": args.tokens_per_block, "max_blocks": args.max_blocks,
+    result = {"model": asdict(s), "requests": len(prompts), "window": args.window, "tokens_per_block": args.tokens_per_block, "max_blocks": args.max_blocks,
               "gpu_blocks": args.gpu_blocks, "host_blocks": args.host_blocks, "block_size": block, "rows": rows, "skipped": skipped}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
