@@ -308,10 +308,9 @@ def trace_prompts(path: str | Path, n: int, tokens_per_block: int, max_blocks: i
     import numpy as np
 
     with open(path) as f:
-        reqs = [json.loads(line) for line in f if line.strip()]
-    if window == "first":
-        reqs = reqs[:n]
-    else:
+        lines = (line for line in f if line.strip())
+        reqs = [json.loads(line) for line, _ in zip(lines, range(n))] if window == "first" else [json.loads(line) for line in lines]
+    if window != "first":
         common = len(os.path.commonprefix([r["hash_ids"] for r in reqs]))
         rate = min(1.0, n / len(reqs))
 
