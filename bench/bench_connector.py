@@ -65,13 +65,22 @@ def _trace_file(text: str) -> str:
 
 
 def _remote_url(text: str) -> str:
-    """A Redis-protocol server URL (checked as cold_tier.remote_url is)."""
+    """A Redis-protocol server URL (checked as cold_tier.remote_url is) at which a server accepts
+    connections now: an unreachable one is refused before any work, not after the other benches."""
+    import socket
+    from urllib.parse import urlsplit
+
     from kvstore.integrations.lmcache import ColdTierConfig
 
     try:
         ColdTierConfig(remote_url=text)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    url = urlsplit(text)
+    try:
+        socket.create_connection((url.hostname, url.port or 6379), timeout=5.0).close()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"no server accepts connections at {text!r} ({e.strerror or e})") from None
     return text
 
 
@@ -321,12 +330,12 @@ def _remote_bench(args) -> dict:
             tier.flush()
             save_s.append(time.perf_counter() - t0)
             if not all(sent) or tier.stats.failed_puts:
-                raise RuntimeError(f"remote tier at {args.remote}: writes failed or dropped ({tier.stats})")
+                raise ConfigError(f"--remote {args.remote}: writes failed or dropped ({tier.stats})")
             t0 = time.perf_counter()
             got = tier.get_many(keys, outs)
             load_s.append(time.perf_counter() - t0)
             if not all(got) or not torch.equal(outs[-1], blocks[-1]):
-                raise RuntimeError(f"remote tier at {args.remote}: reads failed ({tier.stats})")
+                raise ConfigError(f"--remote {args.remote}: reads failed ({tier.stats})")
             t0 = time.perf_counter()
             tier.get(keys[0], outs[0])
             hit_ms.append(1e3 * (time.perf_counter() - t0))

@@ -351,27 +351,50 @@ def _row(name: str, steps: list[dict[str, Any]], wall: float, host_bytes: int) -
     }
 
 
+ROWS = ("vllm", "kvstore", "offloading")
+
+
+def _rows(text: str) -> list[str]:
+    """A comma-separated, non-empty list of distinct rows from :data:`ROWS`."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ROWS]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct rows from {', '.join(ROWS)} (comma-separated), got {text!r}")
+    return names
+
+
+def _trace_file(text: str) -> str:
+    if not Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"no trace file at {text!r}")
+    return text
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", default="../shared/traces/mooncake_conversation.jsonl", help="Mooncake-format JSONL trace")
-    parser.add_argument("--requests", type=int, default=200, help="replay N requests of the trace (see --window)")
+    from .common import output_file, plot_file, positive_int
+
+    parser.add_argument("--trace", type=_trace_file, default=None,
+                        help="Mooncake-format JSONL trace (default: the shared Mooncake conversation trace, found from any directory)")
+    parser.add_argument("--requests", type=positive_int, default=200, help="replay N requests of the trace (see --window)")
     parser.add_argument("--window", choices=("sample", "first"), default="sample",
                         help="sample: whole conversations sampled at rate N/len(trace), a miniature of the whole trace "
                              "(SHARDS-style); first: the trace's first N requests")
-    parser.add_argument("--tokens-per-block", type=int, default=32,
+    parser.add_argument("--tokens-per-block", type=positive_int, default=32,
                         help="tokens per trace block (Mooncake's are 512; shortened to vLLM's block, so a shared hash is a shared vLLM block)")
-    parser.add_argument("--max-blocks", type=int, default=32, help="keep a prompt's first N trace blocks (keeps a row to minutes)")
-    parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per request (capped by the trace's output_length)")
-    parser.add_argument("--gpu-blocks", type=int, default=64, help="vLLM's KV-cache size in blocks of 32 tokens, the same in every row")
-    parser.add_argument("--host-blocks", type=int, default=1024, help="kvstore's host tier in blocks of 32 tokens")
-    parser.add_argument("--rows", default="vllm,kvstore,offloading", help="rows to run: vllm, kvstore, offloading")
-    parser.add_argument("--json", default="bench/results/engine.json", help="write the figures here")
-    parser.add_argument("--plot", default="bench/results/engine.png", help="write the plot here (empty: none)")
+    parser.add_argument("--max-blocks", type=positive_int, default=32, help="keep a prompt's first N trace blocks (keeps a row to minutes)")
+    parser.add_argument("--max-tokens", type=positive_int, default=4, help="tokens generated per request (capped by the trace's output_length)")
+    parser.add_argument("--gpu-blocks", type=positive_int, default=64, help="vLLM's KV-cache size in blocks of 32 tokens, the same in every row")
+    parser.add_argument("--host-blocks", type=positive_int, default=1024, help="kvstore's host tier in blocks of 32 tokens")
+    parser.add_argument("--rows", type=_rows, default=list(ROWS), help=f"rows to run, comma-separated: {', '.join(ROWS)}")
+    parser.add_argument("--json", type=output_file, default=None, metavar="OUT", help="write the figures as JSON to OUT (checked writable before the run)")
+    parser.add_argument("--plot", type=plot_file, default=None, metavar="OUT.png", help="plot TTFT and computed tokens per row to OUT.png (checked before the run)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from kvstore._locate import default_trace
 
+    from .common import Progress, print_table, write_json
+
+    args.trace = args.trace or str(default_trace())
     s = BENCH_MODEL
     block = CPU_BLOCK_MULTIPLE
     prompts = trace_prompts(args.trace, args.requests, args.tokens_per_block, args.max_blocks, s.vocab, s.first_word, window=args.window)
@@ -394,30 +417,29 @@ def main(args: argparse.Namespace) -> int:
     rows, skipped = [], {}
     with tempfile.TemporaryDirectory(prefix="kvstore-bench-engine-") as tmp:
         model = str(write_llama(Path(tmp) / "model", s))
-        for name in args.rows.split(","):
-            transfer, host_bytes = rows_cfg[name]
-            cfg = EngineConfig(model=model, block_size=block, num_gpu_blocks=args.gpu_blocks, max_model_len=max_len,
-                               max_num_batched_tokens=max_len, kv_transfer_config=transfer)
-            start = time.perf_counter()
-            try:
-                out = run_engine(cfg, [warmup, *steps], timeout=1800)[1:]
-            except RuntimeError as e:
-                skipped[name] = str(e).strip().splitlines()[-1][:300]
-                continue
-            rows.append(_row(name, out, time.perf_counter() - start, host_bytes))
-    table = Table(title=f"engine replay: {len(prompts)} requests of {args.trace}")
-    cols = ["row", "ttft_p50_ms", "ttft_p99_ms", "prompt_tokens_computed", "tokens_from_vllm_cache", "tokens_from_host_tier", "throughput_tok_s", "host_tier_bytes"]
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*[f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
-    Console().print(table)
+        with Progress("bench engine", total=len(args.rows)) as progress:
+            for name in args.rows:
+                progress.step(f"{name}: {len(steps)} requests through one vLLM engine (a subprocess)")
+                transfer, host_bytes = rows_cfg[name]
+                cfg = EngineConfig(model=model, block_size=block, num_gpu_blocks=args.gpu_blocks, max_model_len=max_len,
+                                   max_num_batched_tokens=max_len, kv_transfer_config=transfer)
+                start = time.perf_counter()
+                try:
+                    out = run_engine(cfg, [warmup, *steps], timeout=1800)[1:]
+                except RuntimeError as e:
+                    skipped[name] = str(e).strip().splitlines()[-1][:300]
+                    continue
+                rows.append(_row(name, out, time.perf_counter() - start, host_bytes))
+    columns = {"row": "row", "ttft_p50_ms": "TTFT p50 ms", "ttft_p99_ms": "TTFT p99 ms", "prompt_tokens_computed": "prompt tokens computed",
+               "tokens_from_vllm_cache": "from vLLM's cache", "tokens_from_host_tier": "from host tier",
+               "throughput_tok_s": "throughput tok/s", "host_tier_bytes": "host-tier bytes"}
+    print_table(f"engine replay: {len(prompts)} requests of {args.trace}", list(columns.values()),
+                [[round(r[c], 1) if isinstance(r[c], float) else r[c] for c in columns] for r in rows])
     for name, why in skipped.items():
         print(f"{name}: did not run: {why}")
     result = {"model": asdict(s), "requests": len(prompts), "window": args.window, "tokens_per_block": args.tokens_per_block, "max_blocks": args.max_blocks,
               "gpu_blocks": args.gpu_blocks, "host_blocks": args.host_blocks, "block_size": block, "rows": rows, "skipped": skipped}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     if args.plot and rows:
         import matplotlib
 

