@@ -862,6 +862,11 @@ class KVStore:
         b.num_tokens[ids] = 0
         b.filled[ids] = 0
         b.access_count[ids] = 0
+        # each block extends the one before it: the sequence's block at first_index - 1 (for a
+        # fork, the last block it shares), then each new block the previous new one
+        s = self._seqs[seq]
+        first_parent = int(s.ids[first_index - 1]) if 0 < first_index <= s.num_blocks else -1
+        b.link(ids, np.concatenate([[first_parent], ids[:-1]]))
         b.dev_slot[ids] = self.device_pool.allocate(ids)
         b.tier[ids] = DEVICE
         self.device_policy.on_insert(ids)
@@ -882,6 +887,7 @@ class KVStore:
         self._clock += 1
         b.last_access[ids] = self._clock
         b.access_count[ids] += 1
+        b.reads[ids] += 1
         on_dev = ids[b.dev_slot[ids] >= 0]
         if on_dev.size:
             self.device_policy.on_access(on_dev)

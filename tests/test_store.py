@@ -576,3 +576,22 @@ def test_without_a_host_tier_a_block_can_only_be_recomputed(small_spec, host_blo
     assert (np.isinf(reload) if host_blocks == 0 else np.isfinite(reload) & (reload > 0)).all()
     recompute = store.blocks.recompute_cost[ids]
     assert (np.diff(recompute) > 0).all()  # a later block costs more to recompute
+
+
+def test_blocks_know_their_parent_fanout_and_reads(small_spec):
+    """What asym's reuse model reads: each block extends the one before it in its sequence, a fork's
+    first own block extends the last block it shares, and reads count every read of a block."""
+    store = KVStore(small_spec, device_blocks=16)
+    s = store.create()
+    store.append(s, *random_kv(small_spec, 10, seed=63).unbind(1))  # 3 blocks, the last partial
+    a = store.block_table(s).numpy()
+    child = store.fork(s)  # shares the 2 full blocks, copies the partial one
+    c = store.block_table(child).numpy()
+    b = store.blocks
+    assert b.parent[a].tolist() == [-1, a[0], a[1]]
+    assert b.parent[c[2]] == a[1] and c[2] != a[2]
+    assert b.fanout[a].tolist() == [1, 2, 0]  # a[1] is a branch point: a[2] and the fork's copy
+    before = b.reads[a].copy()
+    store.read(s)
+    store.read(s)
+    assert (b.reads[a] == before + 2).all()

@@ -364,6 +364,9 @@ class BlockInfo:
         access_count:   accesses since insertion into any tier
         recompute_cost: FLOPs to recompute the block's KV alone at its position
         reload_cost:    seconds to copy the block back from the next tier down
+        parent:         the block this one extends in the prefix tree (-1: a sequence's first)
+        fanout:         distinct blocks that have extended this one so far (its children)
+        reads:          reads over the block's whole life (``access_count`` restarts in each tier)
     """
 
     TIER_DEVICE = 0
@@ -381,6 +384,9 @@ class BlockInfo:
         "access_count": (np.int64, 0),
         "recompute_cost": (np.float64, 0.0),
         "reload_cost": (np.float64, 0.0),
+        "parent": (np.int64, -1),
+        "fanout": (np.int32, 0),
+        "reads": (np.int64, 0),
     }
 
     seq: np.ndarray
@@ -392,6 +398,9 @@ class BlockInfo:
     access_count: np.ndarray
     recompute_cost: np.ndarray
     reload_cost: np.ndarray
+    parent: np.ndarray
+    fanout: np.ndarray
+    reads: np.ndarray
 
     def __init__(self, capacity: int = 1024) -> None:
         self.capacity = 0
@@ -415,6 +424,17 @@ class BlockInfo:
         """Return ``blocks`` to the unused state."""
         for name, (_, fill) in self._FIELDS.items():
             getattr(self, name)[blocks] = fill
+
+    def link(self, blocks, parents) -> None:
+        """New ``blocks`` extend ``parents`` (``[n]`` each, -1: a sequence's first block): sets their
+        ``parent``, starts their ``fanout`` and ``reads`` at 0 and adds one to each parent's fanout."""
+        blocks, parents = np.asarray(blocks, dtype=np.int64), np.asarray(parents, dtype=np.int64)
+        self.parent[blocks] = parents
+        self.fanout[blocks] = 0
+        self.reads[blocks] = 0
+        up = parents[parents >= 0]
+        if up.size:
+            np.add.at(self.fanout, up, 1)
 
 
 class EvictionPolicy(ABC):

@@ -200,6 +200,7 @@ def block_info(trace: Trace, config: ReplayConfig) -> BlockInfo:
     info.size_bytes[:u] = trace.num_tokens.astype(np.int64) * spec.bytes_per_token
     info.recompute_cost[:u] = config.cost.recompute_flops(trace.position, trace.num_tokens)
     info.reload_cost[:u] = config.cost.reload_seconds(info.size_bytes[:u]) if config.host_blocks else np.inf
+    info.parent[:u] = prefix_parents(trace)
     return info
 
 
@@ -297,8 +298,9 @@ def replay(trace: Trace, policy: str | EvictionPolicy, config: ReplayConfig, *,
     bar on stderr that names the policy and the capacities.
 
     The logical clock is the index of the read in ``trace.blocks``: serving read ``i`` of block
-    ``b`` sets ``info.last_access[b] = i`` and increments ``info.access_count[b]`` before the
-    policies hear of it. Offline policies get ``prepare(trace)`` first.
+    ``b`` sets ``info.last_access[b] = i`` and increments ``info.access_count[b]`` and
+    ``info.reads[b]`` before the policies hear of it; a block's first read adds one to its
+    parent's ``info.fanout``. Offline policies get ``prepare(trace)`` first.
     """
     if config.capacity_blocks < trace.max_request_blocks:
         raise ConfigError(
@@ -332,7 +334,11 @@ def _run(trace: Trace, tiers: _Tiers, progress: bool, label: str) -> np.ndarray:
     blocks, offsets = trace.blocks, trace.offsets.tolist()
     clock = np.arange(trace.num_block_requests, dtype=np.int64)
     status = np.empty(trace.num_block_requests, dtype=np.int8)
-    tier, last_access, access_count = tiers.tier, tiers.info.last_access, tiers.info.access_count
+    info = tiers.info
+    tier, last_access, access_count, reads, fanout = info.tier, info.last_access, info.access_count, info.reads, info.fanout
+    # a block's first read makes it a child of the block before it (its parent): fanout grows then
+    extends = np.zeros(trace.num_block_requests, dtype=np.bool_)
+    extends[trace.first_read] = info.parent[: trace.num_unique_blocks] >= 0
     on_access, admit = tiers.device.on_access, tiers.admit
     flatnonzero = np.flatnonzero
     bar = tqdm(total=trace.num_requests, desc=label, disable=not progress, unit="req", mininterval=0.5, leave=False)
@@ -346,6 +352,10 @@ def _run(trace: Trace, tiers: _Tiers, progress: bool, label: str) -> np.ndarray:
         h = blocks[o0:o1]
         last_access[h] = clock[o0:o1]
         access_count[h] += 1
+        reads[h] += 1
+        new = extends[o0:o1]
+        if new.any():
+            np.add.at(fanout, info.parent[h[new]], 1)
         pos = 0
         while pos < h.size:  # one pass per snapshot of the request's tiers (see the docstring)
             st = tier[h[pos:]]

@@ -30,7 +30,7 @@ hit, with ours it matches ours hit for hit, so each difference is named and is t
   test says what is left), so against libCacheSim the totals are bounded.
 - asym (libCacheSim has no counterpart): all costs zero is LRU (every score equals the clock,
   ties evict the older scoring); equal non-zero costs match a Greedy-Dual reference with
-  credit ``log2(1 + reads)``.
+  credit ``P(class)``, the learned reuse chance of a block's read count in doublings.
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def ours(policy, trace: Trace, capacity: int, *, recompute_cost: float = GDSF_WE
     for i, b in enumerate(blocks.tolist()):
         info.last_access[b] = i
         info.access_count[b] += 1
+        info.reads[b] += 1
         if resident[b]:
             hits[i] = True
             p.on_access([b])
@@ -376,24 +377,31 @@ def test_asym_with_zero_costs_is_lru(stream, capacity):
     _same(ours("asym", trace, capacity, recompute_cost=0.0), theirs(lcs.LRU(capacity), trace))
 
 
-def greedy_dual_log_reference(trace: Trace, capacity: int, cost: float) -> np.ndarray:
-    """Greedy-Dual with credit ``log2(1 + reads) * cost`` (asym's score with equal costs), ties
-    by older scoring, in plain Python."""
+def greedy_dual_reuse_reference(trace: Trace, capacity: int, cost: float) -> np.ndarray:
+    """Greedy-Dual with credit ``P(class) * cost`` (asym's score with equal costs) in plain Python:
+    on a unit-size stream no block extends another, so a block's class is its lifetime reads in
+    doublings, ``reads.bit_length()``; ``P`` is Laplace's rule over the times a block entered
+    the class and the times a block in it was read again. Ties by older scoring."""
     prio: dict[int, tuple[float, int]] = {}
     reads: dict[int, int] = {}
+    counted_in: dict[int, int] = {}
+    entered: dict[int, int] = {}
+    continued: dict[int, int] = {}
     clock = 0.0
     hits = np.zeros(trace.num_block_requests, dtype=np.bool_)
     for i, b in enumerate(trace.blocks.tolist()):
         if b in prio:
             hits[i] = True
-            reads[b] += 1
-        else:
-            if len(prio) == capacity:
-                victim = min(prio, key=prio.__getitem__)
-                clock = max(clock, prio.pop(victim)[0])
-                del reads[victim]
-            reads[b] = 1
-        prio[b] = (clock + math.log2(1 + reads[b]) * cost, i)
+        elif len(prio) == capacity:
+            victim = min(prio, key=prio.__getitem__)
+            clock = max(clock, prio.pop(victim)[0])
+        reads[b] = reads.get(b, 0) + 1
+        if b in counted_in:
+            continued[counted_in[b]] = continued.get(counted_in[b], 0) + 1
+        k = reads[b].bit_length()
+        entered[k] = entered.get(k, 0) + 1
+        counted_in[b] = k
+        prio[b] = (clock + (continued.get(k, 0) + 1) / (entered[k] + 2) * cost, i)
     return hits
 
 
@@ -402,7 +410,7 @@ def test_asym_with_equal_costs_is_greedy_dual(stream, capacity):
     trace = STREAMS[stream]
     flops = 4e14  # one second at asym's default throughput
     got = ours("asym", trace, capacity, recompute_cost=flops)
-    _same(got, greedy_dual_log_reference(trace, capacity, 1.0))
+    _same(got, greedy_dual_reuse_reference(trace, capacity, 1.0))
     assert (got != theirs(lcs.LRU(capacity), trace)).any() or capacity >= trace.num_unique_blocks  # reads count: not LRU
 
 

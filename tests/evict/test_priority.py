@@ -69,9 +69,45 @@ class SortedReference:
         return out
 
 
+class ReuseReference:
+    """asym's reuse chance by the documented rule, one block at a time in plain Python: a block's
+    class is (min(fanout, 2), reads.bit_length()); a class is *entered* when a block is first
+    scored or scored after a read, and *continued* when a block counted in it is read again;
+    the chance is (continued + 1) / (entered + 2)."""
+
+    def __init__(self) -> None:
+        self.entered: dict[tuple[int, int], int] = {}
+        self.continued: dict[tuple[int, int], int] = {}
+        self.counted_in: dict[int, tuple[int, int]] = {}
+        self.seen_reads: dict[int, int] = {}
+
+    @staticmethod
+    def cls(info, b: int) -> tuple[int, int]:
+        return min(int(info.fanout[b]), 2), int(info.reads[b]).bit_length()
+
+    def learn(self, info, b: int) -> None:
+        reads = int(info.reads[b])
+        if self.seen_reads.get(b) == reads:
+            return
+        if b in self.counted_in:
+            old = self.counted_in[b]
+            self.continued[old] = self.continued.get(old, 0) + 1
+        k = self.cls(info, b)
+        self.entered[k] = self.entered.get(k, 0) + 1
+        self.counted_in[b], self.seen_reads[b] = k, reads
+
+    def chance(self, info, b: int) -> float:
+        k = self.cls(info, b)
+        return (self.continued.get(k, 0) + 1) / (self.entered.get(k, 0) + 2)
+
+
 def _asym_credit(ref, blocks, info):
+    """A batch is learned first (every block's read counted), then scored."""
+    reuse = ref.__dict__.setdefault("reuse", ReuseReference())
+    for b in blocks.tolist():
+        reuse.learn(info, b)
     cost = np.minimum(info.recompute_cost[blocks] * (1.0 / THROUGHPUT), info.reload_cost[blocks])
-    return (np.log2(1.0 + info.access_count[blocks]) * cost).tolist()
+    return [reuse.chance(info, b) * c for b, c in zip(blocks.tolist(), cost.tolist())]
 
 
 def _gdsf_credit(ref, blocks, info):
@@ -112,6 +148,8 @@ def test_victims_match_sorted_reference(name, sort_at, ops, seed):
         if op == "insert":
             fresh = [b for b in rng.permutation(NUM_BLOCKS).tolist() if b not in resident][: int(rng.integers(1, 9))]
             info.access_count[fresh] = 1
+            info.reads[fresh] += 1
+            info.fanout[fresh] = rng.integers(0, 4, len(fresh))  # leaves, chains and branch points
             policy.on_insert(np.asarray(fresh, dtype=np.int64))
             ref.score(fresh, hit=False)
             resident += fresh
@@ -121,6 +159,7 @@ def test_victims_match_sorted_reference(name, sort_at, ops, seed):
             size = int(rng.integers(1, 6)) if op == "access" else int(rng.integers(500, 5000))
             some = rng.choice(resident, size=size).tolist()
             np.add.at(info.access_count, some, 1)
+            info.reads[some] += 1  # a block twice in one batch was read once (as replay counts)
             policy.on_access(some)
             ref.score(some, hit=True)
         elif op == "remove" and resident:
@@ -176,17 +215,19 @@ def test_freeing_a_block_does_not_age_the_clock(name):
     info.recompute_cost[:4] = CostModel.preset("tiny").recompute_flops(info.position[:4], 16)
     info.reload_cost[:4] = np.inf
     policy = make_policy(name, info)
-    info.access_count[[0, 1]] = 1
+    info.access_count[[0, 1]] = info.reads[[0, 1]] = 1
     policy.on_insert(np.array([0, 1]))
     for _ in range(1000):  # block 0 is read 1,000 times, block 1 (the hot one) 5,000
         info.access_count[0] += 1
+        info.reads[0] += 1
         policy.on_access([0])
     for _ in range(5000):
         info.access_count[1] += 1
+        info.reads[1] += 1
         policy.on_access([1])
     policy.on_remove([1])  # freed, not evicted
     assert policy.clock == 0.0
-    info.access_count[2] = 1
+    info.access_count[2] = info.reads[2] = 1
     policy.on_insert(np.array([2]))  # fresh, single use
     assert policy.victims(1).tolist() == [2]
     fresh_score = policy.key(2)

@@ -59,10 +59,12 @@ class KVStoreCachePolicy(CachePolicy):
         parent = self._id.get(self._parent_key.get(key))
         if parent is not None:
             self._tree.link([bid], [parent])
+        self.info.link([bid], [-1 if parent is None else parent])
         pos = self._positions.pop(key, 0)
         self._clock += 1
         info = self.info
         info.position[bid], info.num_tokens[bid], info.last_access[bid], info.access_count[bid] = pos, 1, self._clock, 1
+        info.reads[bid] = 1
         info.recompute_cost[bid] = float(self.cost.recompute_flops(pos, 1))
         info.reload_cost[bid] = np.inf
         info.tier[bid] = BlockInfo.TIER_HOST
@@ -92,8 +94,10 @@ class KVStoreCachePolicy(CachePolicy):
                 if prev_pos is not None and prev_pos < pos:
                     self._parent_key[k] = prev_key
                     child, parent = self._id.get(k), self._id.get(prev_key)
-                    if child is not None and parent is not None:
+                    if child is not None and parent is not None and self._tree.parent[child] == -1:
                         self._tree.link([child], [parent])
+                        self.info.parent[child] = parent
+                        self.info.fanout[parent] += 1
             prev_key, prev_pos = k, pos
         return keys
 
@@ -108,6 +112,7 @@ class KVStoreCachePolicy(CachePolicy):
             self._clock += 1
             self.info.last_access[ids] = self._clock
             self.info.access_count[ids] += 1
+            self.info.reads[ids] += 1
             self.policy.on_access(ids)
 
     def evict(self, n: int, protected: set[OffloadKey]) -> list[tuple[OffloadKey, ChunkStatus]] | None:

@@ -156,6 +156,7 @@ class HostTierIndex:
         self._clock += 1
         self.info.last_access[arr] = self._clock
         self.info.access_count[arr] += 1
+        self.info.reads[arr] += 1
         self.policy.on_access(arr)
 
     def insert(
@@ -199,7 +200,9 @@ class HostTierIndex:
         info.size_bytes[slots] = self._block_bytes
         info.tier[slots] = BlockInfo.TIER_HOST
         info.last_access[slots] = self._clock
+        info.link(slots, self.tree.parent[slots])  # fan-out and reads count from this content's insertion
         info.access_count[slots] = 1
+        info.reads[slots] = 1
         info.recompute_cost[slots] = self.cost.recompute_flops(pos, self.spec.block_size)
         info.reload_cost[slots] = self._reload_cost
         self.pool.owner[slots] = slots
