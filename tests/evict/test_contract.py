@@ -4,12 +4,14 @@ PolicyError naming the bad id; a bad ``n`` raises ConfigError naming the value."
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from kvstore.errors import ConfigError, PolicyError
 from kvstore.evict import BlockInfo, make_policy
-from kvstore.evict.base import POLICIES, EvictionPolicy, checked_victims
+from kvstore.evict.base import POLICIES, EvictionPolicy, as_block_list, checked_victims
 from kvstore.evict.cost import CostModel
 
 
@@ -89,10 +91,13 @@ def test_every_policy_refuses_a_bad_n_alike(name, bad):
     assert len(policy) == 6
 
 
+@pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("name", ONLINE)
-def test_every_builtin_policy_keeps_the_contract(name):
-    """Seeded inserts, reads and evictions: every built-in policy's victims pass the checks."""
-    rng = np.random.default_rng(7)
+def test_every_builtin_policy_keeps_the_contract(name, seed):
+    """Seeded inserts, reads and evictions under random protection: every built-in policy's
+    victims pass the checks, and it names as many as are evictable (S3-FIFO once stopped early
+    when a block it promoted to M sat behind a run of protected ones)."""
+    rng = np.random.default_rng(seed)
     info = _info()
     policy = make_policy(name, info)
     held = np.zeros(16, dtype=np.bool_)
@@ -104,11 +109,11 @@ def test_every_builtin_policy_keeps_the_contract(name):
             held[out] = True
         some = np.flatnonzero(held)
         if some.size:
-            reads = rng.choice(some, size=int(rng.integers(1, 4)))
+            reads = rng.choice(some, size=int(rng.integers(1, 6)))
             np.add.at(info.access_count, reads, 1)
             policy.on_access(reads)
             protected = rng.choice(some, size=int(rng.integers(0, some.size)), replace=False)
-            got = checked_victims(policy, int(rng.integers(0, 4)), protected, known=held)
+            got = checked_victims(policy, int(rng.integers(0, 6)), protected, known=held)
             policy.on_remove(got)
             held[got] = False
         assert len(policy) == int(held.sum())
@@ -149,3 +154,93 @@ def test_every_policy_refuses_negative_and_unknown_ids_alike(name):
             policy.on_access(bad)
     assert len(policy) == 2
     assert sorted(checked_victims(policy, 5, known=np.isin(np.arange(16), [1, 2])).tolist()) == [1, 2]
+
+
+class Mine(EvictionPolicy):
+    """A user's policy, written without any checks of its own: the base class checks ``n``."""
+
+    def __init__(self, info=None) -> None:
+        super().__init__(info)
+        self.seen: list[int] = []
+
+    def on_insert(self, blocks) -> None:
+        self.seen += as_block_list(blocks)
+
+    def on_access(self, blocks) -> None:
+        pass
+
+    def on_remove(self, blocks) -> None:
+        pass
+
+    def victims(self, n, protected=None):
+        return np.asarray(self.seen[:n], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+
+def _any_policy(name: str) -> EvictionPolicy:
+    """A fresh policy by name ("user": :class:`Mine`); offline ones prepared on a small trace."""
+    if name == "user":
+        return Mine()
+    policy = make_policy(name, _info())
+    if policy.offline:
+        from kvstore.evict.trace import Trace
+
+        policy.prepare(Trace.from_requests([list(range(16))]))
+    return policy
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES) + ["user"])
+@pytest.mark.parametrize("bad", [2.5, True, np.True_, -1, "2", None, np.float64(1.0)])
+def test_a_bad_n_given_straight_to_any_policy_is_the_same_config_error(name, bad):
+    """Not only through checked_victims: ``policy.victims(bad)`` itself, for every built-in
+    policy (offline ones too) and for a policy a user writes without checks."""
+    policy = _any_policy(name)
+    policy.on_insert(np.arange(4))
+    with pytest.raises(ConfigError, match=r"victims n must be a non-negative int, got "):
+        policy.victims(bad)
+    assert len(policy) == 4 and policy.victims(np.int64(4)).size == 4
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES) + ["user"])
+def test_ids_that_are_not_int64_integers_are_refused_by_every_hook(name):
+    """Floats, bools and strings are ShapeErrors naming the value (never truncated to an id);
+    2**64 and a uint64 above 2**63 are OutOfRangeErrors naming it (never wrapped); the policy
+    tracks what it tracked before."""
+    from kvstore.errors import OutOfRangeError, ShapeError
+
+    policy = _any_policy(name)
+    policy.on_insert([1, 2])
+    for hook in ("on_insert",) if name == "user" else ("on_insert", "on_access", "on_remove"):  # Mine ignores the others' ids
+        for bad, error, shown in [([1.5], ShapeError, "1.5"), ([True], ShapeError, "True"), (["a"], ShapeError, "'a'"),
+                                  (np.array([1.0]), ShapeError, "float64"), ([2**64], OutOfRangeError, str(2**64)),
+                                  (np.array([2**63], dtype=np.uint64), OutOfRangeError, str(2**63))]:
+            with pytest.raises(error, match=re.escape(shown)):
+                getattr(policy, hook)(bad)
+    assert len(policy) == 2
+
+
+def test_a_policy_that_raises_is_a_policy_error_and_the_store_is_unchanged():
+    """A bug inside a user's victims() reaches the caller as PolicyError (its exception the
+    cause), raised before the store changes anything."""
+    import torch
+
+    from kvstore.spec import KVSpec
+    from kvstore.store import KVStore
+
+    class Broken(Mine):
+        def victims(self, n, protected=None):
+            raise RuntimeError("policy bug")
+
+    spec = KVSpec(num_layers=1, num_kv_heads=1, num_q_heads=1, head_dim=64, block_size=4, dtype=torch.float32)
+    store = KVStore(spec, device_blocks=2, host_blocks=4, device="cpu", device_policy=Broken())
+    kv = torch.randn(1, 2, 12, 1, 64, generator=torch.Generator().manual_seed(3))
+    s = store.create()
+    store.append(s, kv[:, 0, :8], kv[:, 1, :8])
+    before = (store.memory(), store.residency(store.block_table(s)).tolist())
+    with pytest.raises(PolicyError, match=r"policy 'Broken' raised RuntimeError in victims\(1\): policy bug") as info:
+        store.append(s, kv[:, 0, 8:], kv[:, 1, 8:])
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert (store.memory(), store.residency(store.block_table(s)).tolist()) == before and store.num_tokens(s) == 8
+    store.check()
