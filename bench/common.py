@@ -18,6 +18,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -214,7 +215,8 @@ def device_name(text: str) -> str:
 
 def _check_writable(text: str) -> Path:
     """Raise unless a file can be written at ``text`` (missing parent folders are created at
-    write time, so the nearest existing ancestor must be a writable folder). Creates nothing."""
+    write time, so the nearest existing ancestor must be a writable folder: a file is created
+    there and removed at once). Leaves nothing behind."""
     if not str(text).strip():
         raise argparse.ArgumentTypeError("expected a file path, got ''")
     path = Path(text).expanduser()
@@ -231,6 +233,12 @@ def _check_writable(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"cannot write {str(text)!r}: {str(parent)!r} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write {str(text)!r}: directory {str(parent)!r} is not writable")
+    try:  # os.access trusts the mode bits: root "may write" /proc and read-only mounts; a real file says
+        fd, probe = tempfile.mkstemp(prefix=".kvstore-write-check-", dir=parent)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write {str(text)!r}: {e.strerror} in {str(parent)!r}") from None
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 

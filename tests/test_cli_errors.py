@@ -216,6 +216,16 @@ def test_a_read_only_folder_is_rejected(tmp_path):
         common.output_file(str(ro / "out.json"))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_the_mode_bits_allow_but_the_kernel_refuses_is_rejected(tmp_path):
+    """/proc passes os.access for root; only a real write attempt finds it refuses new files.
+    Nothing is left where the check tried."""
+    with pytest.raises(Exception, match=r"cannot write '/proc/kvstore-nope/out.json': .* in '/proc'"):
+        common.output_file("/proc/kvstore-nope/out.json")
+    common.output_file(str(tmp_path / "out.json"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_plot_file_needs_an_image_suffix(tmp_path):
     assert common.plot_file(str(tmp_path / "out.png")) == str(tmp_path / "out.png")
     with pytest.raises(Exception, match=r"cannot plot to '.*out.json': the suffix must be one of .*\.png"):
