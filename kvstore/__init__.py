@@ -7,6 +7,8 @@ from kvstore.errors import (
     KVStoreError,
     NonFiniteError,
     OutOfRangeError,
+    PolicyError,
+    RecomputeError,
     ShapeError,
     UnknownSequenceError,
 )
@@ -24,6 +26,8 @@ __all__ = [
     "OutOfRangeError",
     "BlockStateError",
     "CapacityError",
+    "PolicyError",
+    "RecomputeError",
 ]
 
 

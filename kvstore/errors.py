@@ -67,3 +67,8 @@ class KernelError(KVStoreError, RuntimeError):
 class PolicyError(KVStoreError, RuntimeError):
     """An eviction policy broke its contract (named a duplicate, protected or unknown victim,
     or too few), or was given to a second owner; the message names the policy and the id."""
+
+
+class RecomputeError(KVStoreError, RuntimeError):
+    """The store's recompute callable raised; the message names the block's sequence and tokens,
+    the original exception is its ``__cause__``, and the store is as it was before the call."""

@@ -65,6 +65,7 @@ from kvstore.errors import (
     ConfigError,
     NonFiniteError,
     OutOfRangeError,
+    RecomputeError,
     ShapeError,
     UnknownSequenceError,
 )
@@ -188,8 +189,7 @@ class KVStore:
             raise ConfigError(f"KVStore.recompute must be callable, got {type(recompute).__name__}")
         if pq is not None and not isinstance(pq, PQConfig):
             raise ConfigError(f"KVStore.pq must be a PQConfig or None, got {type(pq).__name__}")
-        if not isinstance(row_cache, int) or isinstance(row_cache, bool) or row_cache < 0:
-            raise ConfigError(f"KVStore.row_cache must be an int >= 0 (slots per KV head), got {row_cache!r}")
+        row_cache = validate.integer(row_cache, "KVStore.row_cache (slots per KV head)", lo=0, hi=2**31)
         if pq is not None and allow_nonfinite:
             raise ConfigError("KVStore: allow_nonfinite=True cannot be combined with a PQ index (it rejects NaN/Inf keys)")
         self.spec = spec
@@ -401,6 +401,14 @@ class KVStore:
             raise ShapeError(f"select: queries must be a tensor [{spec.num_q_heads}, {spec.head_dim}] (Hq, D), got {got}")
         return self.select_many([seq], layer, queries.unsqueeze(0), [budget])[0]
 
+    def _check_queries(self, q: torch.Tensor, what: str) -> None:
+        """Queries (already shape-checked) hold the store's dtype on its device and need no grad:
+        kvstore is inference-only and never casts silently."""
+        if q.dtype != self.spec.dtype or q.device != self.device:
+            raise ShapeError(f"{what}: queries are {q.dtype} on {q.device}, the store holds {self.spec.dtype} on {self.device} (no silent casts)")
+        if q.requires_grad:
+            raise ShapeError(f"{what}: queries require grad; kvstore is inference-only, pass them detached (or under torch.no_grad())")
+
     def select_many(self, seqs, layer: int, queries: torch.Tensor, budgets) -> list[Selection]:
         """:meth:`select` for a batch of sequences of different lengths (``queries: [B, Hq, D]``), scored together."""
         if self.pq is None:
@@ -411,8 +419,14 @@ class KVStore:
         for s in seqs:
             self._seq(s)  # UnknownSequenceError for a bad id
         seqs = [int(s) for s in seqs]
-        if isinstance(queries, torch.Tensor) and queries.device != self.device:
-            raise ShapeError(f"select_many: queries on {queries.device}, the store is on {self.device}")
+        spec = self.spec
+        want = (len(seqs), spec.num_q_heads, spec.head_dim)
+        if not isinstance(queries, torch.Tensor) or tuple(queries.shape) != want:
+            got = tuple(queries.shape) if isinstance(queries, torch.Tensor) else validate.show(queries)
+            raise ShapeError(f"select_many: queries must be a tensor {list(want)} (B, Hq, D), got {got}")
+        if len(budgets) != len(seqs):
+            raise ShapeError(f"select_many: {len(budgets)} budgets for {len(seqs)} sequences")
+        self._check_queries(queries, "select_many")
         return select_batch([self._pq[s] for s in seqs], layer, queries, list(budgets))
 
     def gather_keys(self, seq: int, layer: int, positions: torch.Tensor) -> torch.Tensor:
@@ -497,8 +511,9 @@ class KVStore:
         if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[2] != self.spec.head_dim or q.shape[1] != self.spec.num_q_heads:
             shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
             raise ShapeError(f"attend: q must be [Tq, {self.spec.num_q_heads}, {self.spec.head_dim}], got {shape}")
-        if q.dtype != self.spec.dtype or q.device != self.device:
-            raise ShapeError(f"attend: q is {q.dtype} on {q.device}, the store holds {self.spec.dtype} on {self.device} (no silent casts)")
+        self._check_queries(q, "attend")
+        if scale is not None:
+            validate.number(scale, "attend: scale", lo=0.0, lo_open=True)
         n = int(s.layer_lens[layer])
         if not 1 <= q.shape[0] <= n:
             raise ShapeError(f"attend: {q.shape[0]} queries but sequence {seq} holds {n} tokens in layer {layer}")
@@ -1001,11 +1016,17 @@ class KVStore:
         """``[L, 2, filled, Hkv, D]`` from the recompute callable, on the device, validated: a
         tensor of that shape and the store's dtype that does not require grad (ShapeError), and
         finite unless ``allow_nonfinite`` (NonFiniteError; deferred to :meth:`end_step` with
-        deferred checks). Changes nothing; an exception of the callable propagates as it is."""
+        deferred checks). Changes nothing; an exception of the callable is raised as a
+        RecomputeError naming the block (the callable's exception is its cause)."""
         b = self.blocks
         n = int(b.filled[block])
         seq, start = int(b.seq[block]), int(b.position[block])
-        kv = self.recompute(seq, start, n)
+        try:
+            kv = self.recompute(seq, start, n)
+        except Exception as e:
+            raise RecomputeError(
+                f"recompute({seq}, {start}, {n}) of block {block} raised {type(e).__name__}: {e}"
+            ) from e
         spec = self.spec
         want = (spec.num_layers, 2, n, spec.num_kv_heads, spec.head_dim)
         if not isinstance(kv, torch.Tensor) or tuple(kv.shape) != want or kv.dtype != spec.dtype:

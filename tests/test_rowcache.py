@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -131,10 +132,15 @@ def test_the_cache_leaves_with_its_sequence_and_counts_its_bytes():
     assert store.row_cache_bytes() == 0
 
 
-@pytest.mark.parametrize("bad", [-1, 2.0, True, "8"])
-def test_row_cache_size_is_validated(bad):
-    with pytest.raises(ConfigError, match=f"row_cache must be an int >= 0.*{bad!r}"):
+@pytest.mark.parametrize("bad, shown", [(-1, "-1"), (2.0, "2.0"), (True, "True"), ("8", "'8'"), (2**40, str(2**40))])
+def test_row_cache_size_is_validated(bad, shown):
+    with pytest.raises(ConfigError, match=rf"KVStore.row_cache \(slots per KV head\) {shown}"):
         KVStore(SPEC, device_blocks=4, host_blocks=4, row_cache=bad)
+
+
+def test_row_cache_size_takes_a_numpy_integer():
+    store = KVStore(SPEC, device_blocks=4, host_blocks=4, row_cache=np.int64(8))
+    assert store.row_cache == 8 and type(store.row_cache) is int
 
 
 @requires_cuda

@@ -14,8 +14,10 @@ of the wrong shape or dtype, or one holding NaN) while an operation needs a drop
 (ensure_resident, append into a dropped partial block, fork, read, attention over every token,
 also after it worked for the first blocks of the call: a later chunk of a sequence longer than
 the device tier): the operation must fail with that error and leave everything observable as it
-was, down to the tiers and the policies' eviction order. Attention over every token that works
-equals dense attention over the model's K/V.
+was, down to the tiers and the policies' eviction order. So must an append whose device
+victims come from a policy that breaks its contract (raises, names a duplicate, protected or
+unknown victim): PolicyError, nothing changed. Attention over every token that works equals
+dense attention over the model's K/V.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from kvstore.attn import multi_segment_attention
-from kvstore.errors import KVStoreError, NonFiniteError, ShapeError
+from kvstore.errors import KVStoreError, NonFiniteError, PolicyError, RecomputeError, ShapeError
 from kvstore.evict.base import BlockInfo
+from kvstore.evict.lru import LRU
 from kvstore.spec import KVSpec
 from kvstore.store import KVStore
 
@@ -37,16 +40,42 @@ pytestmark = pytest.mark.usefixtures("copy_streams")  # every test with immediat
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, num_q_heads=4, head_dim=64, dtype=torch.float32, block_size=4)  # a head_dim attention takes
 STEPS = {"count": 0}
-FAULTS = {"count": 0, "attend": 0, "attend_chunks": 0}
+FAULTS = {"count": 0, "attend": 0, "attend_chunks": 0, "policy": 0}
+
+
+class Moody(LRU):
+    """LRU that, while ``fault`` is set, breaks the policy contract when asked for victims: it
+    raises, names a victim twice, names a protected block, or one its tier does not hold."""
+
+    FAULTS = ("raise", "twice", "protected", "unknown")
+
+    def __init__(self, info=None) -> None:
+        super().__init__(info)
+        self.fault: str | None = None
+
+    def victims(self, n, protected=None):
+        out = super().victims(n, protected)
+        if self.fault is None or n == 0:
+            return out
+        if self.fault == "raise":
+            raise EngineFailure("the policy failed")
+        if self.fault == "twice" and out.size:
+            return np.repeat(out[:1], 2)
+        if self.fault == "protected" and protected is not None:
+            ids = np.flatnonzero(protected) if protected.dtype == np.bool_ else np.asarray(protected, dtype=np.int64)
+            if ids.size:
+                return ids[:n]
+        return np.full(n, 10**6, dtype=np.int64)  # "unknown", and "protected" with nothing protected
 
 
 class EngineFailure(Exception):
-    """What a failing engine's recompute raises (not a KVStoreError: it must propagate as is)."""
+    """What a failing engine's recompute raises (not a KVStoreError: the store raises it as a
+    RecomputeError, with this as its cause)."""
 
 
 #: fault -> (what the misbehaving recompute returns for the true block ``kv``, the error the store raises)
 FAULTY = {
-    "raise": (None, EngineFailure),
+    "raise": (None, RecomputeError),
     "long": (lambda kv: torch.cat([kv, kv[:, :, :1]], 2), ShapeError),
     "heads": (lambda kv: kv[:, :, :, :1], ShapeError),
     "dtype": (lambda kv: kv.double(), ShapeError),
@@ -87,6 +116,7 @@ class StoreMachine(RuleBasedStateMachine):
             device_blocks=device_blocks,
             host_blocks=host_blocks,
             recompute=self._recompute if lossless else None,
+            device_policy=Moody(),
             device="cpu",  # the model's tensors are CPU tensors; checks run at once (a NaN fault raises in the call)
         )
         for _ in range(2):
@@ -248,6 +278,27 @@ class StoreMachine(RuleBasedStateMachine):
         }
         self._fails(fault, calls[op])
 
+    @precondition(lambda self: self.truth)
+    @rule(data=st.data(), fault=st.sampled_from(Moody.FAULTS), n=st.integers(1, 9))
+    def append_while_the_policy_misbehaves(self, data, fault: str, n: int) -> None:
+        """An append that needs device victims from a policy breaking its contract raises
+        PolicyError before anything changes; one that needs none goes through."""
+        s = data.draw(st.sampled_from(sorted(self.truth)))
+        kv = self._kv(n)
+        policy, before = self.store.device_policy, self._observable()
+        policy.fault = fault
+        try:
+            self.store.append(s, kv[:, 0], kv[:, 1])
+        except KVStoreError as e:
+            policy.fault = None
+            assert self._observable() == before, f"a misbehaving policy ({fault}) changed the store"
+            if isinstance(e, PolicyError):
+                FAULTS["policy"] += 1
+            return
+        finally:
+            policy.fault = None
+        self.truth[s] = torch.cat([self.truth[s], kv], dim=2)
+
     def _queries(self, tq: int) -> torch.Tensor:
         return torch.randn(tq, SPEC.num_q_heads, SPEC.head_dim, generator=self.rng)
 
@@ -323,7 +374,7 @@ class StoreMachine(RuleBasedStateMachine):
 
 def test_store_state_machine():
     STEPS["count"] = 0
-    FAULTS.update(count=0, attend=0, attend_chunks=0)
+    FAULTS.update(count=0, attend=0, attend_chunks=0, policy=0)
     run_state_machine_as_test(
         StoreMachine,
         settings=settings(
@@ -336,4 +387,5 @@ def test_store_state_machine():
     )
     assert STEPS["count"] >= 2000, f"only {STEPS['count']} steps ran"
     assert FAULTS["count"] >= 50, f"only {FAULTS['count']} operations ran into a failing recompute"
+    assert FAULTS["policy"] >= 20, f"only {FAULTS['policy']} appends met a misbehaving policy"
     assert FAULTS["attend_chunks"] >= 5, f"only {FAULTS} attention calls (over several chunks) ran into one"

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from store_helpers import random_kv
 from kvstore import validate
 from kvstore.blocks import BlockPool
-from kvstore.errors import ConfigError, KVStoreError, NonFiniteError, OutOfRangeError, ShapeError, TraceFormatError
+from kvstore.errors import ConfigError, KVStoreError, NonFiniteError, OutOfRangeError, RecomputeError, ShapeError, TraceFormatError
 from kvstore.evict.trace import Trace, load_trace
 from kvstore.pq.index import PQIndex
 from kvstore.pq.sequence import PQConfig
@@ -48,6 +48,8 @@ class Recompute:
 
     def __call__(self, seq: int, start: int, n: int) -> torch.Tensor:
         kv = self.kv[seq][:, :, start : start + n].clone()
+        if self.fault == "raise":
+            raise RuntimeError("the engine failed")
         if self.fault == "grad":
             kv.requires_grad_()
         elif self.fault is not None:
@@ -381,19 +383,21 @@ def test_bad_queries_and_positions_are_refused_by_attend_and_fetch(data, tq, lay
     store, (a, _), pq_store, trained, _ = world()
     attn_store, s = attention_world()
     q = torch.randn(tq, SPEC.num_q_heads, 64, generator=torch.Generator().manual_seed(11))
-    # queries are read, not stored: one that requires grad is taken (the output then does)
-    make, error, _ = data.draw(bad_tensor((None, SPEC.num_q_heads, 64)).filter(lambda c: c[2] != "requires grad"))
+    # the store's dtype on its device, never requiring grad (kvstore is inference-only)
+    make, error, _ = data.draw(bad_tensor((None, SPEC.num_q_heads, 64)))
     bad_q = make(q)
     refused(attn_store, lambda: attn_store.attend(s, layer, bad_q), "", error)
     positions = torch.zeros(SPEC.num_kv_heads, 3, dtype=torch.int64)  # integers cannot require grad
     make, _, _ = data.draw(bad_tensor((SPEC.num_kv_heads, None)).filter(lambda c: c[1] is ShapeError and c[2] not in ("dtype", "requires grad")))
     refused(store, lambda: store.fetch(a, layer, make(positions)), "", ShapeError)
     refused(store, lambda: store.fetch(a, layer, positions.double()), "integers", ShapeError)
-    # select only scores its queries (nothing of them is stored): any float dtype, and one that
-    # requires grad, is taken as it is; the rest is refused
+    # select's queries follow attend's rules: the store's dtype, no grad
     qs = torch.ones(SPEC.num_q_heads, SPEC.head_dim)
-    make, error, _ = data.draw(bad_tensor((SPEC.num_q_heads, SPEC.head_dim)).filter(lambda c: c[2] not in ("dtype", "requires grad")))
+    make, error, _ = data.draw(bad_tensor((SPEC.num_q_heads, SPEC.head_dim)))
     refused(pq_store, lambda: pq_store.select(trained, layer, make(qs), 4), "", error)
+    # a bad scale is refused before attend moves anything (the sequence is partly off the device)
+    for scale in (float("nan"), 0.0, -1.0, float("inf"), "x", True):
+        refused(attn_store, lambda: attn_store.attend(s, layer, q, scale=scale), "scale", ConfigError)
 
 
 @functools.lru_cache(maxsize=None)
@@ -416,14 +420,19 @@ def test_query_heads_must_equal_the_specs_trained_or_not(heads):
     for seq in (trained, untrained):
         q = torch.ones(heads, SPEC.head_dim)
         refused(pq_store, lambda: pq_store.select(seq, 0, q, 4), str((heads, SPEC.head_dim)), ShapeError)
-        refused(pq_store, lambda: pq_store.select_many([seq], 0, q[None], [4]), str((heads, SPEC.head_dim)), ShapeError)
+        refused(pq_store, lambda: pq_store.select_many([seq], 0, q[None], [4]), str((1, heads, SPEC.head_dim)), ShapeError)
     q = torch.ones(SPEC.num_q_heads, SPEC.head_dim)
+    for seq in (trained, untrained):  # the store's dtype, no grad: no silent casts, inference only
+        refused(pq_store, lambda: pq_store.select(seq, 0, q.double(), 4), "torch.float64", ShapeError)
+        refused(pq_store, lambda: pq_store.select_many([seq], 0, q[None].half(), [4]), "torch.float16", ShapeError)
+        refused(pq_store, lambda: pq_store.select(seq, 0, q.clone().requires_grad_(), 4), "require grad", ShapeError)
+        refused(pq_store, lambda: pq_store.select_many([seq, seq], 0, q.expand(2, -1, -1), [4]), "1 budgets for 2", ShapeError)
     refused(pq_store, lambda: pq_store.select(trained, 0, q.tolist(), 4), "[[1.0", ShapeError)
     refused(pq_store, lambda: pq_store.select_many([trained], 0, [q.tolist()], [4]), "[[1.0", ShapeError)
     refused(pq_store, lambda: pq_store.select(untrained, 0, q.long(), 4), "torch.int64", ShapeError)
 
 
-@pytest.mark.parametrize("fault", ["nan", "inf", "grad"])
+@pytest.mark.parametrize("fault", ["nan", "inf", "grad", "raise"])
 def test_recompute_output_is_validated_before_it_is_stored(fault):
     truth = Recompute()
     store = KVStore(SPEC, device_blocks=4, host_blocks=0, recompute=truth, device=CPU)
@@ -432,9 +441,13 @@ def test_recompute_output_is_validated_before_it_is_stored(fault):
     store.append(s, truth.kv[s][:, 0], truth.kv[s][:, 1])
     store.drop(store.block_table(s))
     truth.fault = fault
-    error, named = (ShapeError, "requires grad") if fault == "grad" else (NonFiniteError, "recompute(0, 0, 4) output hold 1 NaN/Inf")
+    error, named = {
+        "grad": (ShapeError, "requires grad"),
+        "raise": (RecomputeError, "recompute(0, 0, 4) of block 0 raised RuntimeError: the engine failed"),
+    }.get(fault, (NonFiniteError, "recompute(0, 0, 4) output hold 1 NaN/Inf"))
     refused(store, lambda: store.ensure_resident(store.block_table(s)), named, error)
     refused(store, lambda: store.read(s), named, error)
+    refused(store, lambda: store.fetch(s, 1, torch.tensor([[0, 5], [1, 4]])), named, error)
     truth.fault = None
     store.ensure_resident(store.block_table(s))
     assert torch.equal(store.read(s)[0], truth.kv[s][:, 0])
@@ -493,6 +506,60 @@ def test_config_values_are_checked_by_value(call, named):
     with pytest.raises(ConfigError) as info:
         call()
     assert named in str(info.value)
+
+
+def _connector_config(extra):
+    from kvstore.integrations.vllm.config import KVStoreConnectorConfig
+
+    return KVStoreConnectorConfig.from_extra_config(extra)
+
+
+def _replay_config(**kwargs):
+    from kvstore.evict.replay import ReplayConfig
+
+    return ReplayConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, named",
+    [
+        (lambda: _connector_config("host_blocks=4"), "kv_connector_extra_config must be a dict, got 'host_blocks=4'"),
+        (lambda: _connector_config([("host_blocks", 4)]), "must be a dict"),
+        (lambda: _connector_config({1: 2}), "keys must be strings, got 1"),
+        (lambda: _connector_config({"host_blocks": 2**80}), f"host_blocks {2**80} out of range"),
+        (lambda: _connector_config({"host_blocks": 4.0}), "host_blocks 4.0 must be an integer"),
+        (lambda: _connector_config({"host_blocks": True}), "host_blocks True must be an integer"),
+        (lambda: _connector_config({"block_size": 0}), "block_size 0 out of range"),
+        (lambda: _connector_config({"cold_tier": {"path": "/tmp/kv", "max_gib": float("inf")}}), "cold_tier.max_gib inf"),
+        (lambda: _replay_config(capacity_blocks=2**80), f"ReplayConfig.capacity_blocks {2**80} out of range"),
+        (lambda: _replay_config(capacity_blocks=8.0), "ReplayConfig.capacity_blocks 8.0 must be an integer"),
+        (lambda: _replay_config(capacity_blocks=8, host_blocks=-1), "ReplayConfig.host_blocks -1 out of range"),
+        (lambda: _replay_config(capacity_blocks=8, model=3), "ReplayConfig.model must be a preset name, got 3"),
+        (lambda: _replay_config(capacity_blocks=8, cost="tiny"), "ReplayConfig.cost must be a CostModel"),
+    ],
+)
+def test_connector_and_replay_configs_go_through_the_same_checks(call, named):
+    with pytest.raises(ConfigError) as info:
+        call()
+    assert named in str(info.value)
+
+
+def test_connector_and_replay_configs_take_numpy_integers():
+    config = _connector_config({"host_blocks": np.int64(64), "block_size": np.uint16(32)})
+    assert (config.host_blocks, config.block_size) == (64, 32) and type(config.host_blocks) is int
+    assert _replay_config(capacity_blocks=np.int32(8)).capacity_blocks == 8
+
+
+def test_an_empty_trace_is_named_as_empty(tmp_path):
+    from kvstore.evict.replay import replay
+
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    for fmt in ("jsonl", "mooncake"):
+        with pytest.raises(TraceFormatError, match="empty.jsonl: the trace holds no requests"):
+            load_trace(tmp_path / "empty.jsonl", fmt)
+    for leaves_only in (False, True):
+        with pytest.raises(ConfigError, match="holds no requests, there is nothing to replay"):
+            replay(Trace.from_requests([]), "lru", _replay_config(capacity_blocks=4, leaves_only=leaves_only))
 
 
 def test_connector_style_values_pass_when_good():

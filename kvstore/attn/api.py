@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from kvstore import kernels
@@ -92,7 +93,7 @@ def _check_heads(q: torch.Tensor, num_kv_heads: int) -> None:
 
 
 def _check_scale(scale: float | None) -> None:
-    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+    if scale is not None and (isinstance(scale, bool) or not (isinstance(scale, (int, float, np.integer, np.floating)) and 0 < scale < float("inf"))):
         raise ConfigError(f"scale must be a positive finite number or None, got {scale!r}")
 
 

@@ -29,13 +29,15 @@ Writing a policy is one small class in one file::
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from itertools import islice
 from typing import Callable, Container, Iterable, TypeVar
 
 import numpy as np
 
-from kvstore.errors import BlockStateError, ConfigError, OutOfRangeError, PolicyError
+from kvstore import validate
+from kvstore.errors import BlockStateError, ConfigError, KVStoreError, OutOfRangeError, PolicyError
 
 __all__ = [
     "BlockInfo",
@@ -60,16 +62,20 @@ __all__ = [
 
 
 def as_block_array(blocks: Iterable[int] | np.ndarray) -> np.ndarray:
-    """``blocks`` as a 1-D int64 numpy array (no copy when it already is one)."""
+    """``blocks`` as a 1-D int64 numpy array (no copy when it already is one). Anything else is
+    checked by :func:`kvstore.validate.index_array`: integers only (a float, bool or string id
+    is a ShapeError naming it, never truncated), and an id beyond int64 (``2**64``, a uint64
+    above ``2**63``) an OutOfRangeError naming it, never wrapped. Negative ids pass here: what
+    they mean is the hook's to say (``on_insert`` refuses them, ``on_remove`` ignores them)."""
     if type(blocks) is np.ndarray and blocks.dtype == np.int64 and blocks.ndim == 1:
         return blocks
-    return np.asarray(blocks, dtype=np.int64).reshape(-1)
+    return validate.index_array(blocks, "block ids", lo=-(2**63), hi=2**63)
 
 
 def as_block_list(blocks: Iterable[int] | np.ndarray) -> list[int]:
     """``blocks`` as a list of Python ints (what dict-based policies iterate over)."""
-    if isinstance(blocks, np.ndarray):
-        return blocks.tolist() if blocks.ndim == 1 and blocks.dtype == np.int64 else blocks.astype(np.int64).reshape(-1).tolist()
+    if type(blocks) is np.ndarray and blocks.ndim == 1 and blocks.dtype == np.int64:
+        return blocks.tolist()
     return as_block_array(blocks).tolist()
 
 
@@ -180,7 +186,12 @@ def checked_victims(policy: "EvictionPolicy", n, protected=None, known=None, ava
     :func:`check_count` first. Nothing changes when it raises.
     """
     n = check_count(n)
-    out = policy.victims(n, protected)
+    try:
+        out = policy.victims(n, protected)
+    except KVStoreError:
+        raise
+    except Exception as e:  # a policy's own bug: typed, and nothing has changed yet
+        raise PolicyError(f"policy {_policy_name(policy)!r} raised {type(e).__name__} in victims({n}): {e}") from e
     if type(out) is not np.ndarray or out.ndim != 1 or out.dtype.kind not in "iu":
         if not (isinstance(out, np.ndarray) and out.ndim == 1 and np.issubdtype(out.dtype, np.integer)):
             raise PolicyError(f"policy {_policy_name(policy)!r} returned {type(out).__name__} victims, not a 1-D integer array")
@@ -453,6 +464,21 @@ class EvictionPolicy(ABC):
     def __init__(self, info: BlockInfo | None = None) -> None:
         self.info = info
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A policy's own ``victims`` gets ``n`` through :func:`check_count`, so ``victims(2.5)``,
+        ``victims(-1)`` and ``victims(True)`` raise the same ConfigError for every policy,
+        built-in or written by a user, before the policy's code runs."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("victims")
+        if own is None or getattr(own, "__isabstractmethod__", False):
+            return
+
+        @functools.wraps(own)
+        def victims(self, n, protected=None):
+            return own(self, check_count(n), protected)
+
+        cls.victims = victims
+
     @abstractmethod
     def on_insert(self, blocks) -> None:
         """``blocks`` entered this tier (they are not resident before the call)."""
@@ -534,5 +560,8 @@ def make_policy(policy: str | EvictionPolicy, info: BlockInfo | None = None, **k
     try:
         cls = POLICIES[policy]
     except (KeyError, TypeError):
-        raise ConfigError(f"unknown eviction policy {policy!r}; registered: {sorted(POLICIES)}") from None
-    return cls(info, **kwargs)
+        raise ConfigError(f"unknown eviction policy {validate.show(policy)}; registered: {sorted(POLICIES)}") from None
+    try:
+        return cls(info, **kwargs)
+    except TypeError as e:  # an unknown or missing keyword
+        raise ConfigError(f"eviction policy {policy!r}: {e}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvstore.errors import ConfigError
-from kvstore.evict.base import OfflinePolicy, as_block_array, protected_at, register_policy
+from kvstore.evict.base import OfflinePolicy, accessed_ids, as_block_array, inserted_ids, protected_at, register_policy
 
 
 @register_policy("belady-cost")
@@ -48,7 +48,7 @@ class BeladyCost(OfflinePolicy):
             self._now = max(self._now, int(self.info.last_access[blocks].max()))
 
     def on_insert(self, blocks) -> None:
-        arr = as_block_array(blocks)
+        arr = np.array(inserted_ids(blocks, self.name), dtype=np.int64)
         if self._n + arr.size > self._ids.size:
             grown = np.zeros(max(2 * self._ids.size, self._n + arr.size, 64), dtype=np.int64)
             grown[: self._n] = self._ids[: self._n]
@@ -60,7 +60,7 @@ class BeladyCost(OfflinePolicy):
         self._see(arr)
 
     def on_access(self, blocks) -> None:
-        self._see(as_block_array(blocks))
+        self._see(np.array(accessed_ids(blocks, self._slot, self.name), dtype=np.int64))
 
     def on_remove(self, blocks) -> None:
         ids, slot = self._ids, self._slot

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvstore import validate
 from kvstore.errors import CapacityError, ConfigError
 from kvstore.evict.base import BlockInfo, EvictionPolicy, checked_victims, leaf_victims, make_policy
 from kvstore.evict.cost import CostModel
@@ -73,10 +74,14 @@ class ReplayConfig:
     leaves_only: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("capacity_blocks", "host_blocks"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (1 if name == "capacity_blocks" else 0):
-                raise ConfigError(f"ReplayConfig.{name} must be an int >= {1 if name == 'capacity_blocks' else 0}, got {v!r}")
+        for name, lo in (("capacity_blocks", 1), ("host_blocks", 0)):  # frozen: the checked ints are set directly
+            object.__setattr__(self, name, validate.tier_blocks(getattr(self, name), f"ReplayConfig.{name}", lo=lo))
+        if not isinstance(self.host_policy, str):
+            raise ConfigError(f"ReplayConfig.host_policy must be a policy name, got {validate.show(self.host_policy)}")
+        if not isinstance(self.model, str):
+            raise ConfigError(f"ReplayConfig.model must be a preset name, got {validate.show(self.model)}")
+        if self.cost is not None and not isinstance(self.cost, CostModel):
+            raise ConfigError(f"ReplayConfig.cost must be a CostModel or None, got {validate.show(self.cost)}")
         KVSpec.preset(self.model)  # raises ConfigError naming the known presets
         if not isinstance(self.leaves_only, bool):
             raise ConfigError(f"ReplayConfig.leaves_only must be a bool, got {self.leaves_only!r}")
@@ -302,6 +307,13 @@ def replay(trace: Trace, policy: str | EvictionPolicy, config: ReplayConfig, *,
     ``info.reads[b]`` before the policies hear of it; a block's first read adds one to its
     parent's ``info.fanout``. Offline policies get ``prepare(trace)`` first.
     """
+    if not isinstance(trace, Trace):
+        raise ConfigError(f"replay: trace must be a Trace (kvstore.evict.trace.load_trace), got {validate.show(trace)}")
+    if not isinstance(config, ReplayConfig):
+        raise ConfigError(f"replay: config must be a ReplayConfig, got {validate.show(config)}")
+    policy_kwargs = validate.mapping(policy_kwargs, "replay: policy_kwargs")
+    if trace.num_requests == 0:
+        raise ConfigError(f"replay: the trace {trace.source} holds no requests, there is nothing to replay")
     if config.capacity_blocks < trace.max_request_blocks:
         raise ConfigError(
             f"capacity_blocks={config.capacity_blocks} cannot hold the longest request "
@@ -311,7 +323,7 @@ def replay(trace: Trace, policy: str | EvictionPolicy, config: ReplayConfig, *,
     info = block_info(trace, config)
     if isinstance(policy, EvictionPolicy):
         policy.bind(info)  # this replay's BlockInfo is its owner: a second replay of the instance is refused
-    device = make_policy(policy, info, **(policy_kwargs or {}))
+    device = make_policy(policy, info, **policy_kwargs)
     device.bind(info)
     host = make_policy(config.host_policy, info) if config.host_blocks else None
     if host is not None and host.offline:

@@ -276,7 +276,7 @@ def _read_lines(path: str | os.PathLike, limit: int | None):
         raise ConfigError(f"a trace path must be a string or path, got {validate.show(path)}")
     source = os.fspath(path)
     if limit is not None:
-        limit = validate.integer(limit, "limit (None for all requests)", lo=0)
+        limit = validate.integer(limit, "limit (None for all requests)", lo=1)
     try:
         f = open(source, "rb")
     except OSError as e:
@@ -293,6 +293,8 @@ def _read_lines(path: str | os.PathLike, limit: int | None):
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise _fail(source, number, f"invalid JSON ({e})") from None
             lines.append(number)
+    if not objects:
+        raise TraceFormatError(f"{source}: the trace holds no requests (the file is empty or blank)")
     return source, lines, objects
 
 

@@ -35,6 +35,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 
+from kvstore import validate
 from kvstore.errors import ConfigError, IndexStateError, NonFiniteError, ShapeError
 from kvstore.pq.adc import AGGREGATES, lookup_tables
 from kvstore.pq.search_cuda import adc_topk  # fused CUDA kernel when enabled, the torch reference otherwise
@@ -111,17 +112,16 @@ class Selection:
 
 
 def resolve_budget(budget: Budget, num_tokens: int) -> int:
-    """Tokens a budget buys in a sequence of ``num_tokens``: an int as is, a fraction
-    ``f`` as ``ceil(f * num_tokens)``; never more than ``num_tokens``."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ConfigError(f"budget must be an int >= 1 or a float in (0, 1], got {budget!r}")
-    if isinstance(budget, int):
+    """Tokens a budget buys in a sequence of ``num_tokens``: an integer (Python or numpy) as is,
+    a float fraction ``f`` as ``ceil(f * num_tokens)``; never more than ``num_tokens`` (a budget
+    above the sequence's length selects every token: exact attention)."""
+    if validate.is_integer(budget):
         if budget < 1:
-            raise ConfigError(f"budget must be an int >= 1 or a float in (0, 1], got {budget}")
-        return min(budget, num_tokens)
-    if not 0.0 < budget <= 1.0:
-        raise ConfigError(f"budget must be an int >= 1 or a float in (0, 1], got {budget}")
-    return min(num_tokens, max(1, math.ceil(budget * num_tokens)))
+            raise ConfigError(f"budget must be an int >= 1 or a float in (0, 1], got {int(budget)}")
+        return min(int(budget), num_tokens)
+    if isinstance(budget, (float, np.floating)) and 0.0 < budget <= 1.0:
+        return min(num_tokens, max(1, math.ceil(float(budget) * num_tokens)))
+    raise ConfigError(f"budget must be an int >= 1 or a float in (0, 1], got {validate.show(budget)}")
 
 
 def _split(budget: int, num_tokens: int, config: SelectionConfig) -> tuple[int, int, int]:

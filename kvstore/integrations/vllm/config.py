@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvstore import validate
 from kvstore.errors import ConfigError
 from kvstore.evict import POLICIES
 from kvstore.evict.cost import CostModel
@@ -42,12 +43,12 @@ class KVStoreConnectorConfig:
     leaves_only: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.host_blocks, bool) or not isinstance(self.host_blocks, int) or self.host_blocks <= 0:
-            raise ConfigError(f"kv_connector_extra_config.host_blocks must be a positive int, got {self.host_blocks!r}")
-        if self.block_size is not None and (
-            isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0
-        ):
-            raise ConfigError(f"kv_connector_extra_config.block_size must be a positive int, got {self.block_size!r}")
+        # frozen: the checked values (numpy integers become Python ints) are set through object.__setattr__
+        object.__setattr__(self, "host_blocks", validate.tier_blocks(self.host_blocks, "kv_connector_extra_config.host_blocks", lo=1))
+        if self.block_size is not None:
+            object.__setattr__(
+                self, "block_size", validate.integer(self.block_size, "kv_connector_extra_config.block_size", lo=1, hi=2**20)
+            )
         if not isinstance(self.policy, str) or self.policy not in POLICIES or POLICIES[self.policy].offline:
             online = sorted(n for n, c in POLICIES.items() if not c.offline)
             raise ConfigError(f"kv_connector_extra_config.policy={self.policy!r} is not an online kvstore policy; known: {online}")
@@ -59,7 +60,7 @@ class KVStoreConnectorConfig:
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "KVStoreConnectorConfig":
         """Validate vLLM's ``kv_connector_extra_config`` dict; unknown keys are named in the error."""
-        extra = dict(extra or {})
+        extra = validate.mapping(extra, "kv_connector_extra_config")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(extra) - known)
         if unknown:
