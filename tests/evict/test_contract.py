@@ -5,6 +5,7 @@ PolicyError naming the bad id; a bad ``n`` raises ConfigError naming the value."
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,7 +124,7 @@ def test_one_policy_instance_serves_one_owner():
     from kvstore.evict.replay import ReplayConfig, replay
     from kvstore.evict.trace import load_trace
 
-    trace = load_trace("tests/evict/data/tiny_mooncake.jsonl")
+    trace = load_trace(Path(__file__).parent / "data" / "tiny_mooncake.jsonl")
     policy = make_policy("lru")
     config = ReplayConfig(capacity_blocks=max(trace.max_request_blocks, 8))
     first = replay(trace, policy, config)
