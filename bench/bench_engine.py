@@ -392,7 +392,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from kvstore._locate import default_trace
 
-    from .common import Progress, print_table, write_json
+    from .common import Progress, print_table, save_figure, write_json
 
     args.trace = args.trace or str(default_trace())
     s = BENCH_MODEL
@@ -456,7 +456,7 @@ def main(args: argparse.Namespace) -> int:
         axes[1].set_ylabel("prompt tokens computed")
         fig.suptitle(f"{len(prompts)} requests, same KV cache ({args.gpu_blocks} blocks)")
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        save_figure(fig, args.plot)
     return 0
 
 

@@ -43,7 +43,7 @@ from kvstore.errors import ConfigError
 
 from .common import (
     PRESET_NAMES, selection_defaults, Progress, add_common_args, comma_list, fraction_or_count, machine_info, names, nonnegative_int, plot_file, positive_float,
-    positive_int, print_table, resolve_device, write_json,
+    positive_int, print_table, resolve_device, save_figure, write_json,
 )
 
 MODES = ("full", "pq", "pq-codes", "exact", "pqcache-ref", "lossless")
@@ -381,8 +381,7 @@ def _plot(results: list[dict], path: str) -> None:
     ax_q.set_yscale("symlog", linthresh=1e-6)
     ax_q.set_ylim(bottom=0)  # errors are >= 0; full is exactly 0
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(args) -> int:

@@ -33,7 +33,7 @@ from kvstore._locate import default_trace
 
 from .common import (
     add_common_args, capacity, machine_info, names, nonnegative_capacity, parse_capacities, plot_file, positive_float,
-    positive_int, print_table, write_json,
+    positive_int, print_table, save_figure, write_json,
 )
 
 
@@ -136,12 +136,7 @@ def figure(results: list[ReplayResult], semantics: str, title: str):
 
 
 def plot(results: list[ReplayResult], semantics: str, path: str, title: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = figure(results, semantics, title)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(figure(results, semantics, title), path)
 
 
 def summarize(results: list[ReplayResult], semantics: str) -> list[str]:

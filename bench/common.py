@@ -379,6 +379,17 @@ def write_json(path: str | os.PathLike | None, payload: dict) -> None:
     p.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure to ``path`` (checked by :func:`plot_file` before the run),
+    creating missing parent folders as :func:`write_json` does, and close it."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------- progress
 class Progress:
     """Labelled progress of a run on stderr: a rich bar on a terminal, one plain line per step

@@ -323,3 +323,18 @@ def test_replay_finds_its_default_trace_from_any_directory(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert cli.main(["replay", "--limit", "50", "--policies", "lru", "--capacity-blocks", "400"]) == 0
     assert "mooncake_conversation.jsonl" in capsys.readouterr().out
+
+
+def test_a_figure_goes_into_missing_folders_as_the_check_promised(tmp_path):
+    """plot_file accepts a path under folders that do not exist yet; save_figure creates them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = tmp_path / "new" / "dir" / "out.png"
+    common.plot_file(str(target))
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    common.save_figure(fig, target)
+    assert target.stat().st_size > 0 and target.read_bytes()[:4] == b"\x89PNG"
