@@ -10,7 +10,7 @@ checks its scalars and index arrays here, so the rules are the same everywhere:
 * **Bounds named.** An integer outside its range raises naming the value as given and the
   range, e.g. ``layer 2 out of range [0, 2)``; a value of the wrong type raises naming it,
   e.g. ``layer 1.5 must be an integer in [0, 2)``.
-* **Index arrays** (block ids, token positions) may be a list or tuple of integers, a numpy
+* **Index arrays** (block ids, token positions) may be a list, tuple or range of integers, a numpy
   array or a torch tensor of an integer dtype. Lists are checked element by element (numpy
   would turn ``[-1, 2**63]`` into floats and ``[True, 1]`` into ints); arrays and tensors by
   dtype, then by range in their own dtype, so a uint64 id above ``2**63`` is out of range, not
@@ -243,6 +243,11 @@ def index_array(
         if not np.issubdtype(values.dtype, np.integer):
             raise type_error(f"{what} must be integers, got an array of dtype {values.dtype}")
         arr = values.reshape(-1)
+    elif isinstance(values, range):
+        if len(values) and not (lo <= min(values) and max(values) < hi):  # O(1) for a range
+            bad = [x for x in (min(values), max(values)) if not lo <= x < hi]
+            raise error(f"{what} {bad} out of range [{lo}, {hi})")
+        return np.arange(values.start, values.stop, values.step, dtype=np.int64)
     elif isinstance(values, (list, tuple)) or is_integer(values):
         items = list(values) if isinstance(values, (list, tuple)) else [values]
         bad = [x for x in items if not is_integer(x)]

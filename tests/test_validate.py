@@ -615,3 +615,15 @@ def test_pq_index_inputs_are_typed_errors():
 def test_membership_of_any_value_is_a_bool():
     store, (a, _), _, _, _ = world()
     assert np.int64(a) in store and [a] not in store and float(a) not in store and True not in store and "0" not in store
+
+
+def test_a_range_is_an_index_array():
+    """``range`` works wherever a list of ids does, bounds checked without listing it."""
+    assert validate.index_array(range(1, 7, 2), "ids", lo=0, hi=8).tolist() == [1, 3, 5]
+    assert validate.index_array(range(0), "ids", lo=0, hi=1).size == 0
+    with pytest.raises(OutOfRangeError, match=r"ids \[-1\] out of range \[0, 8\)"):
+        validate.index_array(range(-1, 3), "ids", lo=0, hi=8)
+    with pytest.raises(OutOfRangeError, match=str(2**70 - 1)):
+        validate.index_array(range(2**70 - 2, 2**70), "ids", lo=0, hi=2**63)
+    store, (a, _), _, _, _ = world()
+    assert torch.equal(store.read(a, range(3))[0], store.read(a, [0, 1, 2])[0])
