@@ -72,3 +72,21 @@ def test_connector_spills_victims_and_reads_them_back(base_vllm_config, block_ha
     for src, dst in zip(a_blocks, gpu_c):
         for n in eng.caches:
             assert torch.equal(eng.caches[n][dst], pages[src][n])
+
+
+@pytest.mark.parametrize("path", ["/proc/kvstore-cold", "{file}/sub", "{file}"])
+def test_a_path_the_disk_cannot_use_is_a_config_error_naming_it(tmp_path, path):
+    """Refused at startup, before LMCache is set up, with the path and the reason."""
+    (tmp_path / "a-file").write_text("x")
+    path = path.format(file=tmp_path / "a-file")
+    with pytest.raises(ConfigError, match=rf"cold_tier.path '{path}' is not a writable directory: "):
+        LMCacheColdTier(ColdTierConfig(path=path, max_gib=0.05), SPEC)
+
+
+def test_a_missing_directory_is_created(tmp_path):
+    target = tmp_path / "new" / "cold"
+    tier = LMCacheColdTier(ColdTierConfig(path=str(target), max_gib=0.05), SPEC)
+    try:
+        assert target.is_dir() and not any(p.name.startswith(".kvstore-write-check") for p in target.iterdir())
+    finally:
+        tier.close()

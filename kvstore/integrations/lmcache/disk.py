@@ -10,18 +10,33 @@ returns False and the caller reports the load as failed (vLLM recomputes).
 
 from __future__ import annotations
 
-import time
+import os
+import tempfile
 import threading
+import time
 from collections.abc import Sequence
 
 import torch
 
-from kvstore.errors import BlockStateError, ShapeError
+from kvstore.errors import BlockStateError, ConfigError, ShapeError
 from kvstore.integrations.lmcache.config import ColdTierConfig
 from kvstore.integrations.lmcache.runtime import LMCacheRuntime
 from kvstore.spec import KVSpec
 
 __all__ = ["LMCacheColdTier"]
+
+
+def _check_directory(path: str) -> None:
+    """Create ``path`` if missing and write (and remove) a file there, so that a path the disk
+    backend cannot use is a ConfigError naming it at startup, not an OSError at the first spill.
+    Nothing of LMCache is set up before it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".kvstore-write-check-", dir=path)
+    except OSError as e:
+        raise ConfigError(f"cold_tier.path {path!r} is not a writable directory: {e.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 class LMCacheColdTier:
@@ -44,7 +59,8 @@ class LMCacheColdTier:
         from lmcache.v1.storage_backend.local_disk_backend import LocalDiskBackend
 
         if config.path is None:
-            raise ValueError("LMCacheColdTier needs cold_tier.path")
+            raise ConfigError("LMCacheColdTier needs cold_tier.path")
+        _check_directory(config.path)
         self.config = config
         self.spec = spec
         self._key_cls = CacheEngineKey
