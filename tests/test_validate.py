@@ -23,6 +23,7 @@ from store_helpers import random_kv
 from kvstore import validate
 from kvstore.blocks import BlockPool
 from kvstore.errors import ConfigError, KVStoreError, NonFiniteError, OutOfRangeError, RecomputeError, ShapeError, TraceFormatError
+from kvstore.evict.base import BlockInfo
 from kvstore.evict.trace import Trace, load_trace
 from kvstore.pq.index import PQIndex
 from kvstore.pq.sequence import PQConfig
@@ -605,6 +606,11 @@ def test_pq_index_inputs_are_typed_errors():
         (lambda: index.load_state_dict([1, 2]), ConfigError, "[1, 2]"),
         (lambda: index.search(torch.ones(H, 1, SPEC.head_dim).tolist(), 3), ShapeError, "list"),
         (lambda: pq_store.select_many([trained], 0, torch.tensor(1.0), [4]), ShapeError, "()"),
+        (lambda: index.search(torch.ones(H, 1, SPEC.head_dim, dtype=torch.long), 3), ShapeError, "torch.int64"),
+        (lambda: index.add(torch.ones(H, 2, SPEC.head_dim, requires_grad=True)), ShapeError, "require grad"),
+        (lambda: index.train(torch.ones(H, 64, SPEC.head_dim, requires_grad=True)), ShapeError, "require grad"),
+        (lambda: index.train(torch.empty(H, 64, SPEC.head_dim, device="meta")), ShapeError, "meta"),
+        (lambda: PQIndex(2**70), ConfigError, str(2**70)),
     ]:
         with pytest.raises(error) as info:
             call()
@@ -627,3 +633,18 @@ def test_a_range_is_an_index_array():
         validate.index_array(range(2**70 - 2, 2**70), "ids", lo=0, hi=2**63)
     store, (a, _), _, _, _ = world()
     assert torch.equal(store.read(a, range(3))[0], store.read(a, [0, 1, 2])[0])
+
+
+@pytest.mark.parametrize("call, error, named", [
+    (lambda: BlockInfo(-1), ConfigError, "BlockInfo capacity -1"),
+    (lambda: BlockInfo(2.5), ConfigError, "BlockInfo capacity 2.5"),
+    (lambda: BlockInfo(2**70), ConfigError, str(2**70)),
+    (lambda: BlockInfo(8).link([1.5], [0]), ShapeError, "1.5"),
+    (lambda: BlockInfo(8).link([1, 2], [0]), ShapeError, "2 blocks but 1 parents"),
+    (lambda: BlockInfo(8).link([100], [0]), OutOfRangeError, "[100] out of range [0, 16)"),
+    (lambda: BlockInfo(8).link([1], [-2]), OutOfRangeError, "[-2] out of range [-1, 16)"),
+])
+def test_block_info_checks_its_sizes_and_links(call, error, named):
+    with pytest.raises(error) as info:
+        call()
+    assert named in str(info.value)

@@ -37,7 +37,7 @@ from typing import Callable, Container, Iterable, TypeVar
 import numpy as np
 
 from kvstore import validate
-from kvstore.errors import BlockStateError, ConfigError, KVStoreError, OutOfRangeError, PolicyError
+from kvstore.errors import BlockStateError, ConfigError, KVStoreError, OutOfRangeError, PolicyError, ShapeError
 
 __all__ = [
     "BlockInfo",
@@ -420,7 +420,9 @@ class BlockInfo:
         self.reserve(capacity)
 
     def reserve(self, capacity: int) -> None:
-        """Grow every array to at least ``capacity`` entries (amortised doubling)."""
+        """Grow every array to at least ``capacity`` entries (amortised doubling); ``capacity``
+        is a block count (:func:`kvstore.validate.tier_blocks`)."""
+        capacity = validate.tier_blocks(capacity, "BlockInfo capacity")
         if capacity <= self.capacity:
             return
         new_cap = max(capacity, 2 * self.capacity, 16)
@@ -438,8 +440,13 @@ class BlockInfo:
 
     def link(self, blocks, parents) -> None:
         """New ``blocks`` extend ``parents`` (``[n]`` each, -1: a sequence's first block): sets their
-        ``parent``, starts their ``fanout`` and ``reads`` at 0 and adds one to each parent's fanout."""
-        blocks, parents = np.asarray(blocks, dtype=np.int64), np.asarray(parents, dtype=np.int64)
+        ``parent``, starts their ``fanout`` and ``reads`` at 0 and adds one to each parent's fanout.
+        Ids out of ``[0, capacity)`` (parents: ``[-1, capacity)``) and unequal lengths raise
+        before anything changes."""
+        blocks = validate.index_array(blocks, "BlockInfo.link: blocks", lo=0, hi=self.capacity)
+        parents = validate.index_array(parents, "BlockInfo.link: parents", lo=-1, hi=self.capacity)
+        if blocks.size != parents.size:
+            raise ShapeError(f"BlockInfo.link: {blocks.size} blocks but {parents.size} parents")
         self.parent[blocks] = parents
         self.fanout[blocks] = 0
         self.reads[blocks] = 0

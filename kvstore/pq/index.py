@@ -50,6 +50,11 @@ __all__ = ["PQIndex"]
 _MIN_CAPACITY = 256
 
 
+#: the largest head_dim an index takes: well above any model's (64-256), far below what would
+#: overflow a codebook's allocation
+MAX_HEAD_DIM = 2**16
+
+
 def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
     """``value`` as an int in ``[lo, hi]`` (inclusive), else ConfigError naming it."""
     return validate.integer(value, f"PQIndex: {name}", lo=lo, hi=None if hi is None else hi + 1)
@@ -71,7 +76,7 @@ class PQIndex:
         self, head_dim: int, num_subspaces: int = 4, bits: int = 8, *, kmeans: KMeansConfig | None = None,
         outlier_fraction: float = 0.01,
     ) -> None:
-        head_dim = _check_int("head_dim", head_dim, 1)
+        head_dim = _check_int("head_dim", head_dim, 1, MAX_HEAD_DIM)
         num_subspaces = _check_int("num_subspaces", num_subspaces, 1)
         bits = _check_int("bits", bits, 4, 8)
         if head_dim % num_subspaces:
@@ -166,6 +171,10 @@ class PQIndex:
             raise ShapeError(f"PQIndex.{op}: expected keys [heads, tokens, head_dim], got {shape}")
         if not keys.is_floating_point():
             raise ShapeError(f"PQIndex.{op}: keys must be floating point, got {keys.dtype}")
+        if keys.device.type == "meta":
+            raise ShapeError(f"PQIndex.{op}: keys on the meta device hold no values")
+        if keys.requires_grad:
+            raise ShapeError(f"PQIndex.{op}: keys require grad; the index is inference-only, pass them detached")
         if keys.shape[2] != self.head_dim:
             raise ShapeError(f"PQIndex.{op}: head_dim {keys.shape[2]} != index head_dim {self.head_dim}")
         if trained:
@@ -181,6 +190,8 @@ class PQIndex:
         if not isinstance(queries, torch.Tensor) or queries.dim() != 3:
             shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
             raise ShapeError(f"PQIndex.{op}: expected queries [heads, queries, head_dim], got {shape}")
+        if not queries.is_floating_point():
+            raise ShapeError(f"PQIndex.{op}: queries must be floating point, got {queries.dtype}")
         if queries.shape[0] != self.num_heads or queries.shape[2] != self.head_dim:
             raise ShapeError(
                 f"PQIndex.{op}: queries {tuple(queries.shape)} do not match index heads={self.num_heads}, "
