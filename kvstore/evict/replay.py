@@ -185,8 +185,7 @@ class ReplayResult:
 def prefix_parents(trace: Trace) -> np.ndarray:
     """``[num_unique_blocks]`` the block each block extends in the request that first reads it
     (its predecessor there), -1 for a request's first block."""
-    prev = np.empty_like(trace.blocks)
-    prev[0] = -1
+    prev = np.full_like(trace.blocks, -1)
     prev[1:] = trace.blocks[:-1]
     prev[trace.offsets[:-1][np.diff(trace.offsets) > 0]] = -1  # each request's first read
     return prev[trace.first_read]
