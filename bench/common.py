@@ -18,7 +18,6 @@ import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -233,12 +232,12 @@ def _check_writable(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"cannot write {str(text)!r}: {str(parent)!r} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write {str(text)!r}: directory {str(parent)!r} is not writable")
-    try:  # os.access trusts the mode bits: root "may write" /proc and read-only mounts; a real file says
-        fd, probe = tempfile.mkstemp(prefix=".kvstore-write-check-", dir=parent)
+    from kvstore import validate  # here, not at the top: it imports numpy, and --help imports this module
+
+    try:
+        validate.probe_write(parent)
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot write {str(text)!r}: {e.strerror} in {str(parent)!r}") from None
-    os.close(fd)
-    os.unlink(probe)
     return path
 
 

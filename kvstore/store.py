@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from kvstore.attn import merge_states, multi_segment_attention, paged_attention
+from kvstore.attn.api import check_scale
 from kvstore.attn.segments import BlockSegments
 from kvstore import validate
 from kvstore.blocks import BlockPool
@@ -512,8 +513,7 @@ class KVStore:
             shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
             raise ShapeError(f"attend: q must be [Tq, {self.spec.num_q_heads}, {self.spec.head_dim}], got {shape}")
         self._check_queries(q, "attend")
-        if scale is not None:
-            validate.number(scale, "attend: scale", lo=0.0, lo_open=True)
+        check_scale(scale)  # before any block moves
         n = int(s.layer_lens[layer])
         if not 1 <= q.shape[0] <= n:
             raise ShapeError(f"attend: {q.shape[0]} queries but sequence {seq} holds {n} tokens in layer {layer}")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,7 @@ __all__ = [
     "mapping",
     "device",
     "tier_bytes",
+    "probe_write",
     "index_array",
 ]
 
@@ -219,6 +221,15 @@ def tier_bytes(num_slots: int, bytes_per_slot: int, dev: "torch.device", what: s
             f"{where} ({have / 2**30:.1f} GiB)"
         )
     return total
+
+
+def probe_write(directory: str | os.PathLike) -> None:
+    """Create an empty file in ``directory`` and remove it at once: raises the OSError a real
+    write there would. ``os.access`` reads mode bits only, so root "may write" /proc or a
+    read-only mount; the output-path checks and the cold tier's disk path ask the kernel."""
+    fd, probe = tempfile.mkstemp(prefix=".kvstore-write-check-", dir=directory)
+    os.close(fd)
+    os.unlink(probe)
 
 
 _TORCH_INTS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")

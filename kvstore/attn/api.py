@@ -24,12 +24,13 @@ set ``KVSTORE_ATTN_BACKEND=auto`` (or pass ``backend="cuda"``) to use the kernel
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from kvstore import kernels
+from kvstore import kernels, validate
 from kvstore.attn import kernel, reference
 from kvstore.attn.segments import BlockSegments
 from kvstore.errors import ConfigError, OutOfRangeError, ShapeError
@@ -39,6 +40,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
     "HEAD_DIMS",
+    "check_scale",
     "merge_states",
     "multi_segment_attention",
     "paged_attention",
@@ -92,8 +94,10 @@ def _check_heads(q: torch.Tensor, num_kv_heads: int) -> None:
         raise ShapeError(f"query heads Hq={q.shape[1]} must be a multiple of KV heads Hkv={num_kv_heads}")
 
 
-def _check_scale(scale: float | None) -> None:
-    if scale is not None and (isinstance(scale, bool) or not (isinstance(scale, (int, float, np.integer, np.floating)) and 0 < scale < float("inf"))):
+def check_scale(scale: float | None) -> None:
+    """A softmax scale: None (``D ** -0.5``) or a positive finite Python or numpy number, not a bool."""
+    number = validate.is_integer(scale) or isinstance(scale, (float, np.floating))
+    if scale is not None and not (number and 0 < scale < math.inf):
         raise ConfigError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
@@ -184,7 +188,7 @@ def multi_segment_attention(
         if not segments:
             raise ShapeError("causal_last needs at least one segment (the one holding the queries)")
         _check_causal(q, segments[-1][0].shape[0], "the last segment")
-    _check_scale(scale)
+    check_scale(scale)
     _check_outputs(q, out, lse)
     if resolve_backend(backend, q.device) == "cuda":
         return kernel.multi_segment_attention(q, segments, causal_last=causal_last, scale=scale, out=out, lse=lse)
@@ -230,7 +234,7 @@ def paged_attention(
         raise OutOfRangeError(f"segments use slot {segments.max_slot}, the cache has {k_cache.shape[0]} slots")
     if causal_last:
         _check_causal(q, segments.last_tokens, "the last segment")
-    _check_scale(scale)
+    check_scale(scale)
     _check_outputs(q, out, lse)
     if resolve_backend(backend, q.device) == "cuda":
         return kernel.paged_attention(
@@ -302,7 +306,7 @@ def paged_token_attention(
             raise OutOfRangeError(
                 f"block_table maps listed positions to slots {bad[:8].tolist()} outside [0, {num_slots})"
             )
-    _check_scale(scale)
+    check_scale(scale)
     _check_outputs(q, out, lse)
     if resolve_backend(backend, q.device) == "cuda":
         return kernel.paged_token_attention(

@@ -11,13 +11,13 @@ returns False and the caller reports the load as failed (vLLM recomputes).
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
 
 import torch
 
+from kvstore import validate
 from kvstore.errors import BlockStateError, ConfigError, ShapeError
 from kvstore.integrations.lmcache.config import ColdTierConfig
 from kvstore.integrations.lmcache.runtime import LMCacheRuntime
@@ -32,11 +32,9 @@ def _check_directory(path: str) -> None:
     Nothing of LMCache is set up before it."""
     try:
         os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".kvstore-write-check-", dir=path)
+        validate.probe_write(path)
     except OSError as e:
         raise ConfigError(f"cold_tier.path {path!r} is not a writable directory: {e.strerror}") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 class LMCacheColdTier:
